@@ -1,0 +1,55 @@
+"""The complexity term ``C`` of the trajectory bound (DESIGN.md §2, "complexity" row).
+
+The reference trajectory ``W^H`` is a finite set of N points that does not depend on S. For each
+fixed point, Hoeffding's inequality bounds the gap of a loss in [0, B]; a union bound over the N
+points gives ``sup_{W^H} (R_B - R̂_{S,B}) <= B * sqrt((ln N + ln(1/δ)) / (2n))`` with probability
+``>= 1 - δ``. This is how Dupuis & Viallard (arXiv 2312.00427, decoupling lemma) replace the
+mutual-information term: the data-independent trajectory carries the complexity.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hsgd_tune.bound import _checks
+
+
+def trial_delta(delta: float, max_trials: int) -> float:
+    """Confidence level of one trial: ``δ_t = δ / max_trials``.
+
+    A study reports a bound for every trial and the user picks among them, so the statements must
+    hold simultaneously: a union bound over the study's maximum number of trials (DESIGN.md §2,
+    complexity row).
+
+    Args:
+        delta: the study's confidence level δ, in (0, 1).
+        max_trials: the most trials the study may run, >= 1.
+
+    Returns:
+        ``δ / max_trials``, in (0, 1).
+    """
+    delta = _checks.probability("delta", delta)
+    max_trials = _checks.count("max_trials", max_trials)
+    return delta / max_trials
+
+
+def complexity_term(loss_clip: float, n: int, n_points: int, delta_t: float) -> float:
+    """``C = B * sqrt((ln N + ln(1/δ_t)) / (2n))``: Hoeffding + union bound over N points.
+
+    Source: DESIGN.md §2 (complexity row); Dupuis & Viallard, arXiv 2312.00427, decoupling lemma.
+
+    Args:
+        loss_clip: B > 0, the clip level; the clipped loss ``ℓ_B = min(ℓ, B)`` lies in [0, B].
+        n: n >= 1, the number of training examples in S.
+        n_points: N >= 1, the number of recorded reference iterates (the finite set ``W^H``).
+        delta_t: δ_t in (0, 1), this trial's confidence level (see ``trial_delta``).
+
+    Returns:
+        The complexity term C > 0 (ln N >= 0 and ln(1/δ_t) > 0).
+    """
+    loss_clip = _checks.positive("loss_clip", loss_clip)
+    n = _checks.count("n", n)
+    n_points = _checks.count("n_points", n_points)
+    delta_t = _checks.probability("delta_t", delta_t)
+    # -log(δ_t) rather than log(1/δ_t): 1/δ_t overflows for δ_t below ~1e-308, the log does not.
+    return loss_clip * math.sqrt((math.log(n_points) - math.log(delta_t)) / (2.0 * n))

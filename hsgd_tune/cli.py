@@ -1,0 +1,125 @@
+"""``hsgd-tune``: argument parsing and one-line errors; the work happens elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from hsgd_tune.errors import ConfigError, HsgdError
+
+DESCRIPTION = """\
+Tune batch size and learning rate of SGD-trained PyTorch models with Optuna, scoring every trial by
+validation loss and by a computable generalization bound over the whole SGD trajectory (the
+geometric-decoupling bound of Dupuis & Viallard, arXiv 2312.00427). Everything is logged to MLflow
+(default: sqlite:///mlruns/mlflow.db; MLFLOW_TRACKING_URI wins when set)."""
+
+RUN_HELP = """\
+Run a study until it has the study file's number of finished trials ([run] n_trials). Rerunning the
+same command resumes the study: finished trials are kept, and a trial whose process died is re-run.
+The study file, data and model are checked before anything is created."""
+
+RANK_HELP = """\
+Print a study's Pareto front over its objectives and all its trials, ranked (rank 1 = the front,
+2 = the front once rank 1 is removed, ...; 0 = not finished)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsgd-tune", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run or resume a tuning study", description=RUN_HELP)
+    run.add_argument("study", type=Path, metavar="STUDY.toml", help="the study file (see studies/)")
+    run.add_argument("--n-trials", type=int, metavar="N", help="study-wide budget of finished trials (overrides [run] n_trials)")
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting new trials after this long")
+    run.add_argument("--storage", metavar="URL", help="Optuna storage: a database URL (postgresql://…) or a journal file path (default: mlruns/optuna-journal.log)")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+
+    rank = sub.add_parser("rank", help="print the Pareto front and all trials", description=RANK_HELP)
+    rank.add_argument("study", metavar="STUDY", help="a study file, or a study's name")
+    rank.add_argument("--storage", metavar="URL", help="Optuna storage of the study (default: the study file's, else mlruns/optuna-journal.log)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except HsgdError as exc:
+        print(f"hsgd-tune: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        print("hsgd-tune: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hsgd_tune.config import load_study, with_run
+    from hsgd_tune.runner import run_study
+
+    if args.n_trials is not None and args.n_trials < 1:
+        raise ConfigError("--n-trials", "must be a positive integer", args.n_trials)
+    cfg = with_run(load_study(args.study), n_trials=args.n_trials, timeout=args.timeout, storage=args.storage)
+    summary = run_study(cfg, progress=not args.quiet)
+    print(
+        f"{summary.study}: {summary.trials_done}/{summary.budget} trials finished "
+        f"({summary.trials_run} this run). Ranking: hsgd-tune rank {args.study}"
+    )
+    _print_ranking(cfg.name, cfg.run.storage)
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    name, storage = args.study, args.storage
+    path = Path(args.study)
+    if path.suffix == ".toml" or path.is_file():
+        from hsgd_tune.config import load_study
+
+        cfg = load_study(path)
+        name, storage = cfg.name, storage or cfg.run.storage
+    _print_ranking(name, storage)
+    return 0
+
+
+def _print_ranking(name: str, storage_url: str | None) -> None:
+    from hsgd_tune.ranking import format_table, trials_table
+    from hsgd_tune.study import find_study, open_storage, storage_description
+
+    study = find_study(open_storage(storage_url), name)
+    if study is None:
+        raise HsgdError(f"no study named {name!r} in {storage_description(storage_url)}")
+    table = trials_table(study)
+    if table.empty:
+        print(f"{name}: no trials yet")
+        return
+    front = table[table["pareto_rank"] == 1]
+    print(f"\nPareto front of {name} ({len(front)} of {len(table)} trials):")
+    print(format_table(front) if not front.empty else "  (no finished trials)")
+    print(f"\nAll trials of {name}:")
+    print(format_table(table))
+
+
+def _quiet_libraries() -> None:
+    """Our own progress display and errors replace the libraries' chatter."""
+    for name in ("alembic", "mlflow", "optuna"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+    except ImportError:
+        pass
+    warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"hsgd-tune: warning: {message}", file=sys.stderr)
+
+
+COMMANDS = {"run": cmd_run, "rank": cmd_rank}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,511 @@
+"""Study file (TOML) → frozen dataclasses, validated where it enters.
+
+The study file is split like the config of a careful experiment: what determines a trial's result
+(data, model, search space, training, bound, objectives, sampler) and how the study is run (``[run]``:
+budget, storage, experiment). Only the former enters :meth:`StudyConfig.fingerprint`, so a study can be
+resumed with a larger budget or another storage URL but not with another search space.
+
+Every error is a :class:`ConfigError` naming the file, the key, the rule and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hsgd_tune.errors import ConfigError
+
+DATA_SOURCES = ("digits", "breast_cancer", "wine", "synthetic", "csv")
+TASKS = ("classification", "regression")
+MODEL_KINDS = ("mlp", "linear", "entry_point")
+SAMPLERS = ("tpe", "random", "grid", "nsga2")
+DEVICES = ("cpu", "cuda", "auto")
+#: Objectives a study may minimise; each is a metric every completed trial reports.
+OBJECTIVES = (
+    "val_loss",
+    "val_error",
+    "risk_bound",
+    "gap_bound",
+    "decoupling_distance",
+    "train_loss",
+)
+#: Knobs the trainer itself understands; they leave the theory's scope (plain SGD), so trials using
+#: them are tagged as such. Other knob names are passed to a user model's entry point.
+TRAINING_KNOBS = ("momentum", "weight_decay")
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    kind: str = "teacher"
+    n_features: int = 20
+    n_classes: int = 3
+    noise: float = 0.1
+    hidden: int = 32
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    n_train: int
+    n_val: int
+    n_reference: int | None = None
+    n_test: int = 0
+    task: str | None = None
+    path: Path | None = None
+    target: str | None = None
+    reference_as_validation: bool = False
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "mlp"
+    widths: tuple[int, ...] = (64, 64)
+    entry_point: str | None = None
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One searched hyperparameter: a float or int range (optionally log-scaled) or a choice."""
+
+    name: str
+    kind: str  # "float" | "int" | "categorical"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    learning_rate: Knob
+    batch_size: Knob
+    knobs: tuple[Knob, ...] = ()
+
+    def all_knobs(self) -> tuple[Knob, ...]:
+        return (self.learning_rate, self.batch_size, *self.knobs)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    steps: int = 1000
+    record_every: int = 20
+    divergence_factor: float = 100.0
+
+
+@dataclass(frozen=True)
+class BoundConfig:
+    delta: float = 0.05
+    loss_clip: float = 5.0
+    lipschitz_subsample: int = 64
+    max_trials: int | None = None  # None: the run budget
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    kind: str = "tpe"
+    grid_points: int = 5  # grid sampler: learning rates per decade range
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    n_trials: int = 20
+    timeout: float | None = None
+    storage: str | None = None
+    experiment: str | None = None
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    search: SearchConfig
+    seed: int = 0
+    device: str = "cpu"
+    training: TrainingConfig = TrainingConfig()
+    bound: BoundConfig = BoundConfig()
+    objectives: tuple[str, ...] = ("val_loss", "risk_bound")
+    sampler: SamplerConfig = SamplerConfig()
+    run: RunConfig = RunConfig()
+    source_file: Path | None = field(default=None, compare=False)
+
+    @property
+    def max_trials(self) -> int:
+        """The number of trials δ is split over (DESIGN.md §2: δ_t = δ / max_trials)."""
+        return self.bound.max_trials if self.bound.max_trials is not None else self.run.n_trials
+
+    @property
+    def experiment_name(self) -> str:
+        return self.run.experiment or f"hsgd-{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole resolved config as plain JSON-able values (for logging)."""
+        return _jsonable(dataclasses.asdict(self))
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines trial results (not ``run``, not the file's path)."""
+        payload = self.to_dict()
+        payload.pop("run")
+        payload.pop("source_file")
+        # max_trials is fixed when the study is created and kept by the study itself (study.py),
+        # so a resumed study may name a larger budget here without changing its identity.
+        payload["bound"].pop("max_trials")
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a TOML table with errors that name file, key, rule and value
+# ---------------------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+class _Table:
+    """A TOML table being read: typed getters, and :meth:`done` rejects keys nobody asked for."""
+
+    def __init__(self, raw: dict[str, Any], prefix: str):
+        self.raw, self.prefix, self.seen = raw, prefix, set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+    def get(self, name: str, kind: str, default: Any = _REQUIRED) -> Any:
+        self.seen.add(name)
+        if name not in self.raw:
+            if default is _REQUIRED:
+                raise ConfigError(self.key(name), f"is required ({kind})", None)
+            return default
+        return _check_type(self.key(name), self.raw[name], kind)
+
+    def table(self, name: str, required: bool = False) -> _Table:
+        self.seen.add(name)
+        raw = self.raw.get(name, _REQUIRED if required else {})
+        if raw is _REQUIRED:
+            raise ConfigError(self.key(name), "is a required table", None)
+        if not isinstance(raw, dict):
+            raise ConfigError(self.key(name), "must be a table", raw)
+        return _Table(raw, f"{self.key(name)}.")
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.seen)
+        if unknown:
+            allowed = ", ".join(sorted(self.seen)) or "none"
+            name = unknown[0]
+            raise ConfigError(self.key(name), f"unknown key (allowed here: {allowed})", self.raw[name])
+
+
+def _check_type(key: str, value: Any, kind: str) -> Any:
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "list": lambda v: isinstance(v, list),
+    }[kind]
+    if not ok(value):
+        raise ConfigError(key, f"must be {'a' if kind != 'int' else 'an'} {kind}", value)
+    if kind == "float":
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(key, "must be a finite number", value)
+    return value
+
+
+def _positive(table: _Table, name: str, kind: str, default: Any = _REQUIRED) -> Any:
+    value = table.get(name, kind, default)
+    if value is not None and value <= 0:
+        raise ConfigError(table.key(name), "must be positive", value)
+    return value
+
+
+def _one_of(table: _Table, name: str, allowed: tuple[str, ...], default: Any = _REQUIRED) -> Any:
+    value = table.get(name, "str", default)
+    if value is not None and value not in allowed:
+        raise ConfigError(table.key(name), f"must be one of {', '.join(allowed)}", value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_synthetic(t: _Table) -> SyntheticConfig:
+    cfg = SyntheticConfig(
+        kind=_one_of(t, "kind", ("teacher", "mixture"), "teacher"),
+        n_features=_positive(t, "n_features", "int", 20),
+        n_classes=t.get("n_classes", "int", 3),
+        noise=t.get("noise", "float", 0.1),
+        hidden=_positive(t, "hidden", "int", 32),
+    )
+    if cfg.n_classes < 2:
+        raise ConfigError(t.key("n_classes"), "must be at least 2", cfg.n_classes)
+    if cfg.noise < 0:
+        raise ConfigError(t.key("noise"), "must be non-negative", cfg.noise)
+    t.done()
+    return cfg
+
+
+def _read_data(t: _Table, base_dir: Path) -> DataConfig:
+    source = _one_of(t, "source", DATA_SOURCES)
+    path = t.get("path", "str", None)
+    target = t.get("target", "str", None)
+    if source == "csv":
+        if path is None:
+            raise ConfigError(t.key("path"), "is required when source = 'csv'", None)
+        if target is None:
+            raise ConfigError(t.key("target"), "is required when source = 'csv'", None)
+    elif path is not None or target is not None:
+        name = "path" if path is not None else "target"
+        raise ConfigError(t.key(name), "is only allowed when source = 'csv'", path or target)
+    has_synth = t.has("synthetic")
+    synthetic = _read_synthetic(t.table("synthetic"))
+    if has_synth and source != "synthetic":
+        raise ConfigError(t.key("synthetic"), "is only allowed when source = 'synthetic'", source)
+    cfg = DataConfig(
+        source=source,
+        n_train=_positive(t, "n_train", "int"),
+        n_val=_positive(t, "n_val", "int"),
+        n_reference=_positive(t, "n_reference", "int", None),
+        n_test=t.get("n_test", "int", 0),
+        task=_one_of(t, "task", TASKS, None),
+        path=(base_dir / path).resolve() if path is not None else None,
+        target=target,
+        reference_as_validation=t.get("reference_as_validation", "bool", False),
+        synthetic=synthetic,
+    )
+    if cfg.n_test < 0:
+        raise ConfigError(t.key("n_test"), "must be non-negative", cfg.n_test)
+    if cfg.task == "regression" and source in ("digits", "breast_cancer", "wine"):
+        raise ConfigError(t.key("task"), f"must be classification for {source}", cfg.task)
+    t.done()
+    return cfg
+
+
+def _read_model(t: _Table) -> ModelConfig:
+    kind = _one_of(t, "kind", MODEL_KINDS, "mlp")
+    widths = t.get("widths", "list", [64, 64] if kind == "mlp" else [])
+    for i, w in enumerate(widths):
+        if not isinstance(w, int) or isinstance(w, bool) or w <= 0:
+            raise ConfigError(t.key(f"widths[{i}]"), "must be a positive integer", w)
+    if kind == "linear" and widths:
+        raise ConfigError(t.key("widths"), "must be empty for a linear model", widths)
+    entry_point = t.get("entry_point", "str", None)
+    if (kind == "entry_point") != (entry_point is not None):
+        raise ConfigError(
+            t.key("entry_point"), "is required exactly when kind = 'entry_point'", entry_point
+        )
+    t.done()
+    return ModelConfig(kind=kind, widths=tuple(widths), entry_point=entry_point)
+
+
+def _read_knob(t: _Table, name: str, default_kind: str) -> Knob:
+    if t.has("choices"):
+        choices = t.get("choices", "list")
+        if not choices:
+            raise ConfigError(t.key("choices"), "must not be empty", choices)
+        for i, c in enumerate(choices):
+            if isinstance(c, (dict, list)):
+                raise ConfigError(t.key(f"choices[{i}]"), "must be a number, string or bool", c)
+        t.done()
+        return Knob(name, "categorical", choices=tuple(choices))
+    kind = _one_of(t, "type", ("float", "int"), default_kind)
+    log = t.get("log", "bool", default_kind == "float" or name == "batch_size")
+    low, high = t.get("low", kind), t.get("high", kind)
+    if not low < high:
+        raise ConfigError(t.key("high"), f"must exceed low = {low} (empty search range)", high)
+    if log and low <= 0:
+        raise ConfigError(t.key("low"), "must be positive for a log range", low)
+    t.done()
+    return Knob(name, kind, low=low, high=high, log=log)
+
+
+def _read_search(t: _Table, model: ModelConfig) -> SearchConfig:
+    lr = _read_knob(t.table("learning_rate", required=True), "learning_rate", "float")
+    if lr.kind == "categorical" and any(not _is_number(c) or c <= 0 for c in lr.choices):
+        raise ConfigError(t.key("learning_rate.choices"), "must be positive numbers", lr.choices)
+    if lr.kind != "categorical" and lr.low <= 0:
+        raise ConfigError(t.key("learning_rate.low"), "must be positive", lr.low)
+    bs = _read_knob(t.table("batch_size", required=True), "batch_size", "int")
+    values = bs.choices if bs.kind == "categorical" else (bs.low, bs.high)
+    if bs.kind == "float" or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        raise ConfigError(t.key("batch_size"), "must be positive integers", list(values))
+    knobs_table = t.table("knobs")
+    knobs = []
+    for name in sorted(knobs_table.raw):
+        knob = _read_knob(knobs_table.table(name), name, "float")
+        if model.kind != "entry_point" and name not in TRAINING_KNOBS:
+            raise ConfigError(
+                knobs_table.key(name),
+                f"built-in models accept only the knobs {', '.join(TRAINING_KNOBS)}",
+                name,
+            )
+        knobs.append(knob)
+    knobs_table.done()
+    t.done()
+    return SearchConfig(learning_rate=lr, batch_size=bs, knobs=tuple(knobs))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _read_training(t: _Table) -> TrainingConfig:
+    cfg = TrainingConfig(
+        steps=_positive(t, "steps", "int", 1000),
+        record_every=_positive(t, "record_every", "int", 20),
+        divergence_factor=_positive(t, "divergence_factor", "float", 100.0),
+    )
+    if cfg.record_every > cfg.steps:
+        raise ConfigError(t.key("record_every"), f"must not exceed steps = {cfg.steps}", cfg.record_every)
+    t.done()
+    return cfg
+
+
+def _read_bound(t: _Table) -> BoundConfig:
+    cfg = BoundConfig(
+        delta=t.get("delta", "float", 0.05),
+        loss_clip=_positive(t, "loss_clip", "float", 5.0),
+        lipschitz_subsample=_positive(t, "lipschitz_subsample", "int", 64),
+        max_trials=_positive(t, "max_trials", "int", None),
+    )
+    if not 0 < cfg.delta < 1:
+        raise ConfigError(t.key("delta"), "must lie strictly between 0 and 1", cfg.delta)
+    t.done()
+    return cfg
+
+
+def _read_objectives(t: _Table) -> tuple[str, ...]:
+    names = t.get("minimize", "list", ["val_loss", "risk_bound"])
+    if not names:
+        raise ConfigError(t.key("minimize"), "must name at least one objective", names)
+    for i, name in enumerate(names):
+        if name not in OBJECTIVES:
+            raise ConfigError(t.key(f"minimize[{i}]"), f"must be one of {', '.join(OBJECTIVES)}", name)
+    if len(set(names)) != len(names):
+        raise ConfigError(t.key("minimize"), "must not repeat an objective", names)
+    t.done()
+    return tuple(names)
+
+
+def _read_sampler(t: _Table) -> SamplerConfig:
+    cfg = SamplerConfig(
+        kind=_one_of(t, "kind", SAMPLERS, "tpe"),
+        grid_points=_positive(t, "grid_points", "int", 5),
+    )
+    t.done()
+    return cfg
+
+
+def _read_run(t: _Table) -> RunConfig:
+    cfg = RunConfig(
+        n_trials=_positive(t, "n_trials", "int", 20),
+        timeout=_positive(t, "timeout", "float", None),
+        storage=t.get("storage", "str", None),
+        experiment=t.get("experiment", "str", None),
+    )
+    t.done()
+    return cfg
+
+
+def _check_entry_point(spec: str, base_dir: Path) -> None:
+    """Fail at load time, not mid-study, when a user's ``module:function`` cannot be imported."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError("model.entry_point", "must look like 'module:function'", spec)
+    if str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure is the user's module's, report it in one line
+        raise ConfigError("model.entry_point", f"module must import ({exc})", spec) from None
+    if not callable(getattr(module, attr, None)):
+        raise ConfigError("model.entry_point", f"must name a callable in {module_name}", spec)
+
+
+def parse_study(raw: dict[str, Any], base_dir: Path) -> StudyConfig:
+    """Validate an already-parsed TOML document (relative paths resolve against ``base_dir``)."""
+    top = _Table(raw, "")
+    name = top.get("name", "str")
+    if not name.strip() or any(c in name for c in "/\\\n"):
+        raise ConfigError("name", "must be a non-empty name without slashes", name)
+    model = _read_model(top.table("model"))
+    cfg = StudyConfig(
+        name=name,
+        seed=top.get("seed", "int", 0),
+        device=_one_of(top, "device", DEVICES, "cpu"),
+        data=_read_data(top.table("data", required=True), base_dir),
+        model=model,
+        search=_read_search(top.table("search", required=True), model),
+        training=_read_training(top.table("training")),
+        bound=_read_bound(top.table("bound")),
+        objectives=_read_objectives(top.table("objectives")),
+        sampler=_read_sampler(top.table("sampler")),
+        run=_read_run(top.table("run")),
+    )
+    top.done()
+    if cfg.run.n_trials > cfg.max_trials:
+        raise ConfigError(
+            "run.n_trials",
+            f"must not exceed bound.max_trials = {cfg.max_trials} (δ is split over it)",
+            cfg.run.n_trials,
+        )
+    if model.entry_point is not None:
+        _check_entry_point(model.entry_point, base_dir)
+    return cfg
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study file; every failure is a ConfigError naming ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("(file)", "study file must exist", str(path), file=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("(file)", f"study file must be readable UTF-8 ({exc})", str(path), path) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(syntax)", "must be valid TOML", str(exc), file=path) from None
+    try:
+        cfg = parse_study(raw, path.resolve().parent)
+    except ConfigError as exc:
+        raise exc.in_file(path) from None
+    return dataclasses.replace(cfg, source_file=path)
+
+
+def with_run(cfg: StudyConfig, **changes: Any) -> StudyConfig:
+    """The same study with some ``[run]`` settings overridden (e.g. from the command line)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    # δ stays split over the study file's budget, whatever budget this one run asks for.
+    bound = dataclasses.replace(cfg.bound, max_trials=cfg.max_trials)
+    return dataclasses.replace(cfg, bound=bound, run=dataclasses.replace(cfg.run, **changes))

@@ -1,0 +1,167 @@
+"""One trial: sample → twin training → bound → log → objectives.
+
+:func:`evaluate` is the trial without Optuna or MLflow (sampled values in, scores out), so it can be
+reused by ``train`` commands, benchmarks and tests; :class:`Objective` wraps it for a study.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+
+from hsgd_tune.bound import TrajectoryBound, trajectory_bound
+from hsgd_tune.config import TRAINING_KNOBS, StudyConfig
+from hsgd_tune.data import Dataset
+from hsgd_tune.errors import DivergedError
+from hsgd_tune.models import ModelSpec, model_spec
+from hsgd_tune.study import FAIL_REASON, sample_params, worker_identity
+from hsgd_tune.tracking import Tracker, flatten
+from hsgd_tune.training import H_RUN, S_RUN, TrainSettings, TwinRun, train_twin
+
+
+@dataclass
+class TrialOutcome:
+    params: dict[str, Any]
+    settings: TrainSettings
+    spec: ModelSpec
+    run: TwinRun
+    bound: TrajectoryBound
+
+    def metrics(self) -> dict[str, float]:
+        """Final metrics, every bound term and timings, namespaced (``val/loss``, ``bound/…``)."""
+        seconds = {f"time/{k}_s": v for k, v in self.run.seconds.items()}
+        return {**self.run.final, **self.bound.metrics(), **seconds, "train/n_parameters": self.run.trajectories.shape[2]}
+
+    def objective(self, name: str) -> float:
+        return {
+            "val_loss": self.run.final["val/loss"],
+            "val_error": self.run.final["val/error"],
+            "train_loss": self.run.final["train/loss"],
+            "risk_bound": self.bound.risk_bound,
+            "gap_bound": self.bound.gap_bound,
+            "decoupling_distance": self.bound.decoupling_distance,
+        }[name]
+
+    def tags(self) -> dict[str, str]:
+        """The assumption behind each bound term, and whether the trial is inside the theory."""
+        tags = {f"hsgd.assumption.{term}": text for term, text in self.bound.assumptions().items()}
+        outside = self.settings.outside_theory
+        tags["hsgd.theory"] = "outside: " + ", ".join(outside) if outside else "plain SGD (inside)"
+        tags["hsgd.vacuous.risk_bound"] = str(self.bound.risk_bound_vacuous).lower()
+        return tags
+
+
+def train_settings(cfg: StudyConfig, params: dict[str, Any]) -> TrainSettings:
+    return TrainSettings(
+        learning_rate=float(params["learning_rate"]),
+        batch_size=int(params["batch_size"]),
+        steps=cfg.training.steps,
+        record_every=cfg.training.record_every,
+        # Common random numbers: every trial starts from the same weights and draws minibatches
+        # from the same stream, so trials differ by their hyperparameters, not by luck.
+        seed=cfg.seed,
+        divergence_factor=cfg.training.divergence_factor,
+        momentum=float(params.get("momentum", 0.0)),
+        weight_decay=float(params.get("weight_decay", 0.0)),
+        loss_clip=cfg.bound.loss_clip,
+        lipschitz_subsample=cfg.bound.lipschitz_subsample,
+        device=cfg.device,
+    )
+
+
+def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials: int) -> TrialOutcome:
+    """Train both runs with ``params`` and compute the trajectory bound (DESIGN.md §2)."""
+    settings = train_settings(cfg, params)
+    model_knobs = {k: v for k, v in params.items() if k not in ("learning_rate", "batch_size", *TRAINING_KNOBS)}
+    spec = model_spec(cfg.model, data.n_features, data.n_outputs, model_knobs)
+    run = train_twin(data, spec, settings)
+    started = time.perf_counter()
+    bound = trajectory_bound(
+        run.trajectories[S_RUN],
+        run.trajectories[H_RUN],
+        run.grad_norms,
+        train_risk_clipped=run.final["train/loss_clipped"],
+        n_train=len(data.train.y),
+        loss_clip=cfg.bound.loss_clip,
+        delta=cfg.bound.delta,
+        max_trials=max_trials,
+    )
+    run.seconds["bound"] = time.perf_counter() - started
+    outcome = TrialOutcome(params, settings, spec, run, bound)
+    for name in cfg.objectives:
+        if not math.isfinite(outcome.objective(name)):
+            raise DivergedError(f"objective {name} is {outcome.objective(name)}", settings.steps)
+    return outcome
+
+
+def write_artifacts(outcome: TrialOutcome, folder: Path) -> None:
+    """Both trajectories and the S-run's final model, enough to rebuild it."""
+    run = outcome.run
+    np.savez_compressed(
+        folder / "trajectories.npz",
+        record_steps=run.record_steps,
+        empirical=run.trajectories[S_RUN],
+        reference=run.trajectories[H_RUN],
+        grad_norms=run.grad_norms,
+    )
+    model_dir = folder / "model"
+    model_dir.mkdir()
+    torch.save(run.model.state_dict(), model_dir / "state_dict.pt")
+    (model_dir / "spec.json").write_text(json.dumps(outcome.spec.to_dict(), indent=2))
+    (folder / "trial.json").write_text(json.dumps({"params": outcome.params, "metrics": outcome.metrics()}, indent=2))
+
+
+class Objective:
+    """The function Optuna calls: one trial, logged to its own MLflow child run."""
+
+    def __init__(self, cfg: StudyConfig, data: Dataset, tracker: Tracker, experiment_id: str, parent_id: str, max_trials: int):
+        self.cfg, self.data, self.tracker = cfg, data, tracker
+        self.experiment_id, self.parent_id, self.max_trials = experiment_id, parent_id, max_trials
+        self.fixed_params = {f"config.{k}": v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")}
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        params = sample_params(trial, self.cfg)
+        trial.set_user_attr("worker", worker_identity())
+        run_id = self.tracker.start_trial(
+            self.experiment_id, self.parent_id, self.cfg.name, trial.number, {**params, **self.fixed_params}
+        )
+        trial.set_user_attr("mlflow_run_id", run_id)
+        try:
+            outcome = evaluate(self.cfg, self.data, params, self.max_trials)
+        except DivergedError as exc:
+            trial.set_user_attr(FAIL_REASON, str(exc))
+            self.tracker.finish_trial(run_id, "FAIL", tags={"hsgd.fail_reason": str(exc)})
+            raise
+        except BaseException as exc:  # interrupted or a bug: the run must not stay RUNNING
+            self.tracker.finish_trial(run_id, "FAIL", tags={"hsgd.fail_reason": f"{type(exc).__name__}: {exc}"[:500]})
+            raise
+        self._log(trial, run_id, outcome)
+        return tuple(outcome.objective(name) for name in self.cfg.objectives)
+
+    def _log(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome) -> None:
+        started = time.perf_counter()
+        for key, value in outcome.bound.metrics().items():
+            trial.set_user_attr(key, value)
+        for key in ("val/loss", "val/error", "train/loss"):
+            trial.set_user_attr(key, outcome.run.final[key])
+        curves = {name: (outcome.run.record_steps, values) for name, values in outcome.run.curves.items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            write_artifacts(outcome, Path(tmp))
+            self.tracker.log_artifacts(run_id, Path(tmp))
+        # Final metrics at the last step, where the val/loss curve ends at the same value.
+        self.tracker.log(
+            run_id, metrics=outcome.metrics(), step=outcome.settings.steps, curves=curves, tags=outcome.tags()
+        )
+        self.tracker.log(
+            run_id, metrics={"time/logging_s": time.perf_counter() - started}, step=outcome.settings.steps
+        )
+        self.tracker.finish_trial(run_id, "COMPLETE")

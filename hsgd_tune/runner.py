@@ -1,0 +1,199 @@
+"""Running a study: check everything first, then create or resume it, then optimise with progress.
+
+Order matters for "bad input loses nothing": the study file, the data and the model are all checked
+before any Optuna study or MLflow run exists, so a mistake leaves no trace.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hsgd_tune.config import StudyConfig
+from hsgd_tune.data import Dataset, load_dataset
+from hsgd_tune.errors import ConfigError, DivergedError, HsgdError
+from hsgd_tune.models import model_spec
+from hsgd_tune.objective import Objective
+from hsgd_tune.study import (
+    FAIL_REASON,
+    create_or_resume,
+    fail_orphaned_trials,
+    open_storage,
+    storage_description,
+    trials_done,
+)
+from hsgd_tune.tracking import RUN_STATUS, Tracker
+from hsgd_tune.training import initial_model
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    study: str
+    trials_run: int
+    trials_done: int
+    budget: int
+    experiment_id: str
+    parent_run_id: str
+
+
+def prepare(cfg: StudyConfig) -> Dataset:
+    """Load the data and build the model once; every failure names the study file."""
+    try:
+        data = load_dataset(cfg.data, cfg.seed)
+        largest_batch = max(_knob_values(cfg.search.batch_size))
+        if largest_batch > len(data.train.y):
+            raise ConfigError(
+                "search.batch_size", f"must not exceed the {len(data.train.y)} training examples", largest_batch
+            )
+        try:
+            initial_model(model_spec(cfg.model, data.n_features, data.n_outputs, {}), cfg.seed)
+        except ConfigError:
+            raise
+        except Exception as exc:  # the user's factory failed: say so in one line
+            raise ConfigError("model.entry_point", f"must build a model ({type(exc).__name__}: {exc})", cfg.model.entry_point) from None
+    except ConfigError as exc:
+        raise exc.in_file(cfg.source_file) if cfg.source_file else exc from None
+    return data
+
+
+def _knob_values(knob) -> list:
+    return list(knob.choices) if knob.kind == "categorical" else [knob.low, knob.high]
+
+
+def run_study(cfg: StudyConfig, tracker: Tracker | None = None, progress: bool = True) -> RunSummary:
+    """Run ``cfg`` until it has ``cfg.run.n_trials`` finished trials (resuming if it exists)."""
+    data = prepare(cfg)
+    tracker = tracker or Tracker()
+    experiment_id = tracker.experiment_id(cfg.experiment_name)
+    storage = open_storage(cfg.run.storage)
+    study = create_or_resume(cfg, storage)
+    max_trials = study.user_attrs["max_trials"]
+    fail_orphaned_trials(study)
+    sync_run_statuses(study, tracker)
+    parent_id = tracker.open_parent(
+        experiment_id,
+        cfg.name,
+        params={k: v for k, v in _flat_config(cfg).items()},
+        tags={
+            "hsgd.fingerprint": cfg.fingerprint(),
+            "hsgd.storage": storage_description(cfg.run.storage),
+            "hsgd.objectives": ",".join(cfg.objectives),
+            "hsgd.max_trials": str(max_trials),
+            "hsgd.data": data.description,
+        },
+    )
+    done_before = trials_done(study)
+    remaining = cfg.run.n_trials - done_before
+    objective = Objective(cfg, data, tracker, experiment_id, parent_id, max_trials)
+    display = Progress(cfg, remaining, done_before, enabled=progress)
+    status = "FINISHED"
+    try:
+        if remaining > 0:
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                timeout=cfg.run.timeout,
+                catch=(DivergedError,),
+                callbacks=[display.on_trial, _stop_at_budget(cfg.run.n_trials)],
+            )
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        display.close()
+        sync_run_statuses(study, tracker)
+        tracker.close_parent(parent_id, study_metrics(study), status=status)
+    return RunSummary(cfg.name, display.count, trials_done(study), cfg.run.n_trials, experiment_id, parent_id)
+
+
+def _flat_config(cfg: StudyConfig) -> dict:
+    from hsgd_tune.tracking import flatten
+
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")}
+
+
+def _stop_at_budget(budget: int):
+    """Other workers may share the study: stop once the study as a whole has met its budget."""
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trials_done(study) >= budget:
+            study.stop()
+
+    return callback
+
+
+def sync_run_statuses(study: optuna.Study, tracker: Tracker) -> None:
+    """Make every trial's MLflow run status mirror its Optuna state (e.g. after a killed process)."""
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id is None or trial.state == TrialState.RUNNING:
+            continue
+        if tracker.client.get_run(run_id).info.status != RUN_STATUS[trial.state.name]:
+            reason = trial.user_attrs.get(FAIL_REASON, "worker process ended before the trial did")
+            tracker.finish_trial(run_id, trial.state.name, tags={"hsgd.fail_reason": reason})
+
+
+def study_metrics(study: optuna.Study) -> dict[str, float]:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    metrics = {
+        "study/n_complete": len(complete),
+        "study/n_failed": sum(t.state == TrialState.FAIL for t in trials),
+    }
+    objectives = study.user_attrs.get("objectives", [])
+    for i, name in enumerate(objectives):
+        if complete:
+            metrics[f"study/best_{name}"] = min(t.values[i] for t in complete)
+    return metrics
+
+
+class Progress:
+    """Trials done, best so far and time left, on one line that redraws; one line per trial above."""
+
+    def __init__(self, cfg: StudyConfig, remaining: int, done_before: int, enabled: bool = True):
+        self.cfg, self.enabled, self.count, self.failed = cfg, enabled, 0, 0
+        self.best: dict[str, float] = {}
+        self.bar = None
+        if enabled and remaining > 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=remaining, desc=f"{cfg.name} ({done_before} done before)", unit="trial")
+            self.started = time.monotonic()
+
+    def on_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.count += 1
+        if trial.state == TrialState.COMPLETE:
+            for name, value in zip(self.cfg.objectives, trial.values):
+                self.best[name] = min(value, self.best.get(name, float("inf")))
+        else:
+            self.failed += 1
+        if self.bar is not None:
+            self.bar.write(describe_trial(trial, self.cfg.objectives))
+            postfix = {f"best {k}": f"{v:.4g}" for k, v in self.best.items()}
+            if self.failed:
+                postfix["failed"] = self.failed
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def describe_trial(trial: FrozenTrial, objectives: tuple[str, ...]) -> str:
+    params = "  ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+    if trial.state == TrialState.COMPLETE:
+        scores = "  ".join(f"{k}={v:.4g}" for k, v in zip(objectives, trial.values))
+    else:
+        scores = f"{trial.state.name}: {trial.user_attrs.get(FAIL_REASON, 'no reason recorded')}"
+    return f"trial {trial.number:4d}  {params}  {scores}"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+__all__ = ["HsgdError", "RunSummary", "prepare", "run_study", "sync_run_statuses"]

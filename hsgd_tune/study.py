@@ -1,0 +1,180 @@
+"""Optuna: storage, sampler, the search space, and creating or resuming a study.
+
+A study remembers what it was created with — the config's fingerprint and ``max_trials``, the number
+of trials δ is split over — so a resumed study keeps every trial's probability statement valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from hsgd_tune.config import Knob, StudyConfig
+from hsgd_tune.errors import ConfigError, StorageError
+
+DEFAULT_JOURNAL = Path("mlruns/optuna-journal.log")
+
+#: A trial that failed by our own rule (e.g. divergence) carries this user attribute; it counts
+#: towards the budget. One that failed because its worker died does not, and is simply re-run.
+FAIL_REASON = "fail_reason"
+
+
+def storage_description(url: str | None) -> str:
+    return url or f"journal file {DEFAULT_JOURNAL}"
+
+
+def open_storage(url: str | None) -> BaseStorage:
+    """A journal file under ``mlruns/`` by default; a database URL (``postgresql://…``) or a
+    journal file path otherwise."""
+    try:
+        if url is None or "://" not in url:
+            path = Path(url) if url else DEFAULT_JOURNAL
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        return RDBStorage(url, heartbeat_interval=10, grace_period=30)
+    except Exception as exc:
+        raise StorageError(f"Optuna storage {url!r} cannot be used: {str(exc).splitlines()[0]}") from None
+
+
+def make_sampler(cfg: StudyConfig, n_existing: int) -> optuna.samplers.BaseSampler:
+    """The study's sampler. The seed moves on with the trials already run, so a resumed study does
+    not propose its first random points again."""
+    seed = int(np.random.SeedSequence([cfg.seed, n_existing]).generate_state(1)[0])
+    kind = cfg.sampler.kind
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "grid":
+        return optuna.samplers.GridSampler(grid_space(cfg), seed=seed)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+
+
+def grid_space(cfg: StudyConfig) -> dict[str, list[Any]]:
+    """The grid the grid sampler walks: choices as given, ranges as ``grid_points`` values."""
+    return {knob.name: _grid_values(knob, cfg.sampler.grid_points) for knob in cfg.search.all_knobs()}
+
+
+def _grid_values(knob: Knob, points: int) -> list[Any]:
+    if knob.kind == "categorical":
+        return list(knob.choices)
+    if knob.kind == "int" and knob.log:
+        powers = [2**k for k in range(64) if knob.low <= 2**k <= knob.high]
+        return sorted({int(knob.low), *powers, int(knob.high)})
+    space = np.geomspace if knob.log else np.linspace
+    values = space(knob.low, knob.high, points)
+    return sorted({int(round(v)) for v in values}) if knob.kind == "int" else [float(v) for v in values]
+
+
+def suggest(trial: optuna.Trial, knob: Knob) -> Any:
+    if knob.kind == "categorical":
+        return trial.suggest_categorical(knob.name, list(knob.choices))
+    if knob.kind == "int":
+        return trial.suggest_int(knob.name, int(knob.low), int(knob.high), log=knob.log)
+    return trial.suggest_float(knob.name, knob.low, knob.high, log=knob.log)
+
+
+def sample_params(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
+    return {knob.name: suggest(trial, knob) for knob in cfg.search.all_knobs()}
+
+
+def find_study(storage: BaseStorage, name: str) -> optuna.Study | None:
+    if name not in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def create_or_resume(cfg: StudyConfig, storage: BaseStorage) -> optuna.Study:
+    """Create the study, or resume it when the same config made it; refuse a changed config."""
+    study = find_study(storage, cfg.name)
+    if study is None:
+        study = optuna.create_study(
+            study_name=cfg.name,
+            storage=storage,
+            directions=["minimize"] * len(cfg.objectives),
+            load_if_exists=True,  # another worker may have created it a moment ago
+        )
+        if "fingerprint" not in study.user_attrs:
+            study.set_user_attr("fingerprint", cfg.fingerprint())
+            study.set_user_attr("max_trials", cfg.max_trials)
+            study.set_user_attr("objectives", list(cfg.objectives))
+            study.set_user_attr("config", json.dumps(cfg.to_dict()))
+    _check_resumable(cfg, study)
+    study.sampler = make_sampler(cfg, len(study.trials))
+    return study
+
+
+def _check_resumable(cfg: StudyConfig, study: optuna.Study) -> None:
+    stored = study.user_attrs.get("fingerprint")
+    if stored != cfg.fingerprint():
+        raise ConfigError(
+            "name",
+            f"names an existing study made from another config (fingerprint {stored}); "
+            "use a new name to change data, model, search, training, bound, objectives or sampler",
+            cfg.name,
+            file=cfg.source_file,
+        )
+    max_trials = study.user_attrs["max_trials"]
+    if cfg.run.n_trials > max_trials:
+        raise ConfigError(
+            "run.n_trials",
+            f"must not exceed the study's max_trials = {max_trials}, which δ was split over when "
+            "it was created (set bound.max_trials in a new study to plan for more)",
+            cfg.run.n_trials,
+            file=cfg.source_file,
+        )
+
+
+def counts_towards_budget(trial: FrozenTrial) -> bool:
+    """Finished trials count; a trial that failed because its process died does not."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and FAIL_REASON in trial.user_attrs
+
+
+def trials_done(study: optuna.Study) -> int:
+    return sum(counts_towards_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+# -- liveness of local workers on storages without heartbeats ---------------------------------
+
+
+def worker_identity() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Mark FAIL the RUNNING trials whose worker process on this host is gone.
+
+    The journal storage has no heartbeats, so a killed local run would leave its trial RUNNING
+    forever; the worker's pid, stored with the trial, tells. Returns the trials it failed.
+    """
+    host = socket.gethostname()
+    orphaned = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", {})
+        if worker.get("host") == host and not _pid_alive(worker.get("pid", -1)):
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            orphaned.append(trial)
+    return orphaned
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,194 @@
+"""MLflow: one experiment per study, one parent run per study, one child run per trial.
+
+Everything goes through ``MlflowClient`` with explicit run ids (thread-safe, no fluent state) and is
+sent in batches: a trial makes a handful of round trips, not one per step (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+from hsgd_tune.errors import StorageError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+LOCAL_ARTIFACT_ROOT = Path("mlruns/artifacts")
+
+#: Optuna trial state → MLflow run status (DESIGN.md §3).
+RUN_STATUS = {"RUNNING": "RUNNING", "WAITING": "SCHEDULED", "COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
+
+STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "hsgd.study", "hsgd.role", "optuna.trial_number", "optuna.state"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else a SQLite store under ``mlruns/``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def trial_run_name(number: int) -> str:
+    return f"trial-{number:04d}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}: nested config as MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Tracker:
+    """The study's MLflow experiment and runs."""
+
+    def __init__(self, uri: str | None = None):
+        self.uri = uri or tracking_uri()
+        if self.uri == DEFAULT_TRACKING_URI:
+            LOCAL_ARTIFACT_ROOT.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(self.uri)
+        # MLflow announces creating and migrating its database at INFO; users need not see it.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+    # -- study level ------------------------------------------------------------------------
+
+    def experiment_id(self, name: str, create: bool = True) -> str | None:
+        """The experiment's id, created when missing (a concurrent creator wins quietly)."""
+        try:
+            found = self.client.get_experiment_by_name(name)
+            if found is not None or not create:
+                return found.experiment_id if found else None
+            location = LOCAL_ARTIFACT_ROOT.resolve().as_uri() if self.uri == DEFAULT_TRACKING_URI else None
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except Exception:
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+                return found.experiment_id
+        except Exception as exc:
+            raise StorageError(f"MLflow tracking store {self.uri} cannot be used: {_first_line(exc)}") from None
+
+    def parent_run_id(self, experiment_id: str, study: str) -> str | None:
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def open_parent(self, experiment_id: str, study: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        """The study's parent run, created on first use and set RUNNING again on resume."""
+        run_id = self.parent_run_id(experiment_id, study)
+        if run_id is None:
+            run = self.client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study})
+            run_id = run.info.run_id
+            self.log(run_id, params=params)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.log(run_id, tags=tags)
+        return run_id
+
+    def close_parent(self, run_id: str, metrics: Mapping[str, float], status: str = "FINISHED") -> None:
+        self.log(run_id, metrics=metrics)
+        self.client.set_terminated(run_id, status=status)
+
+    # -- trial level ------------------------------------------------------------------------
+
+    def start_trial(self, experiment_id: str, parent_id: str, study: str, number: int, params: Mapping[str, Any]) -> str:
+        tags = {
+            "mlflow.parentRunId": parent_id,
+            ROLE_TAG: "trial",
+            STUDY_TAG: study,
+            TRIAL_TAG: str(number),
+            STATE_TAG: "RUNNING",
+        }
+        run = self.client.create_run(experiment_id, run_name=trial_run_name(number), tags=tags)
+        self.log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def finish_trial(self, run_id: str, state: str, tags: Mapping[str, str] | None = None) -> None:
+        """Mirror the Optuna state onto the run (FAIL → FAILED, PRUNED → KILLED)."""
+        self.log(run_id, tags={**(tags or {}), STATE_TAG: state})
+        self.client.set_terminated(run_id, status=RUN_STATUS[state])
+
+    def trial_runs(self, experiment_id: str, study: str) -> dict[int, Any]:
+        """Trial number → run, for every child run of the study."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
+                max_results=1000,
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+        return {int(r.data.tags[TRIAL_TAG]): r for r in runs}
+
+    # -- logging ----------------------------------------------------------------------------
+
+    def log(
+        self,
+        run_id: str,
+        metrics: Mapping[str, float] | None = None,
+        step: int = 0,
+        curves: Mapping[str, tuple[Iterable[int], Iterable[float]]] | None = None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log in as few batches as MLflow allows. Non-finite values are never logged as metrics:
+        they become ``hsgd.nonfinite.<key>`` tags, so sorting and ranking never meet a NaN.
+        ``metrics`` are logged at ``step``; ``curves`` map a key to (steps, values)."""
+        now = int(time.time() * 1000)
+        entries: list[Metric] = []
+        tags = dict(tags or {})
+        for key, value in (metrics or {}).items():
+            _append_metric(entries, tags, key, value, step, now)
+        for key, (steps, values) in (curves or {}).items():
+            for step, value in zip(steps, values):
+                _append_metric(entries, tags, key, value, int(step), now)
+        param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+        tag_list = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        for i in range(0, max(len(entries), 1), MAX_METRICS_PER_BATCH):
+            chunk = entries[i : i + MAX_METRICS_PER_BATCH]
+            if chunk:
+                self.client.log_batch(run_id, metrics=chunk, synchronous=True)
+        for items, kind in ((param_list, "params"), (tag_list, "tags")):
+            for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+                self.client.log_batch(run_id, **{kind: items[i : i + MAX_PARAMS_TAGS_PER_BATCH]}, synchronous=True)
+
+    def log_artifacts(self, run_id: str, local_dir: Path) -> None:
+        self.client.log_artifacts(run_id, str(local_dir))
+
+
+def _append_metric(entries: list[Metric], tags: dict[str, str], key: str, value: float, step: int, now: int) -> None:
+    value = float(value)
+    if math.isfinite(value):
+        entries.append(Metric(key, value, now, step))
+    else:
+        tags[f"hsgd.nonfinite.{key}"] = repr(value)
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return str(value)[:6000]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

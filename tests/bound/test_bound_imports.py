@@ -1,0 +1,47 @@
+"""The bound engine imports without the heavy stack (DESIGN.md §1; STYLE.md §9)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_importing_bound_imports_neither_torch_optuna_nor_mlflow():
+    code = (
+        "import hsgd_tune.bound, sys; "
+        "heavy = {'torch', 'optuna', 'mlflow'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_bound_exports_its_public_api():
+    from hsgd_tune import bound
+
+    assert sorted(bound.__all__) == [
+        "TrajectoryBound",
+        "complexity_term",
+        "hausdorff_distance",
+        "lipschitz_estimate",
+        "synchronous_distance",
+        "trajectory_bound",
+        "trial_delta",
+    ]
