@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from hsgd_tune import cli_advisor, cli_worker
 from hsgd_tune.errors import ConfigError, HsgdError
 
 DESCRIPTION = """\
@@ -21,11 +22,6 @@ Run a study until it has the study file's number of finished trials ([run] n_tri
 same command resumes the study: finished trials are kept, and a trial whose process died is re-run.
 The study file, data and model are checked before anything is created."""
 
-RANK_HELP = """\
-Print a study's Pareto front over its objectives and all its trials, ranked (rank 1 = the front,
-2 = the front once rank 1 is removed, ...; 0 = not finished)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsgd-tune", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -36,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting new trials after this long")
     run.add_argument("--storage", metavar="URL", help="Optuna storage: a database URL (postgresql://…) or a journal file path (default: mlruns/optuna-journal.log)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    cli_worker.add_run_options(run)  # --workers K
 
-    rank = sub.add_parser("rank", help="print the Pareto front and all trials", description=RANK_HELP)
-    rank.add_argument("study", metavar="STUDY", help="a study file, or a study's name")
-    rank.add_argument("--storage", metavar="URL", help="Optuna storage of the study (default: the study file's, else mlruns/optuna-journal.log)")
+    cli_advisor.add_commands(sub)  # rank, report, pick, train, ui
+    cli_worker.add_commands(sub)  # worker
     return parser
 
 
@@ -49,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except HsgdError as exc:
-        print(f"hsgd-tune: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).splitlines())  # one line, even when a user's code wrote several
+        print(f"hsgd-tune: error: {message}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         print("hsgd-tune: interrupted; run the same command again to resume", file=sys.stderr)
@@ -58,29 +55,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from hsgd_tune.config import load_study, with_run
-    from hsgd_tune.runner import run_study
 
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError("--n-trials", "must be a positive integer", args.n_trials)
+    if args.timeout is not None and not args.timeout > 0:
+        raise ConfigError("--timeout", "must be a positive number of seconds", args.timeout)
     cfg = with_run(load_study(args.study), n_trials=args.n_trials, timeout=args.timeout, storage=args.storage)
-    summary = run_study(cfg, progress=not args.quiet)
+    from hsgd_tune.runner import run_study  # torch, Optuna, MLflow: seconds; a bad study file fails first
+
+    if args.workers != 1:  # K local worker processes; each prints a line per trial
+        summary = cli_worker.run_local_workers(args, cfg)
+    else:
+        summary = run_study(cfg, progress=not args.quiet)
     print(
         f"{summary.study}: {summary.trials_done}/{summary.budget} trials finished "
         f"({summary.trials_run} this run). Ranking: hsgd-tune rank {args.study}"
     )
     _print_ranking(cfg.name, cfg.run.storage)
-    return 0
-
-
-def cmd_rank(args: argparse.Namespace) -> int:
-    name, storage = args.study, args.storage
-    path = Path(args.study)
-    if path.suffix == ".toml" or path.is_file():
-        from hsgd_tune.config import load_study
-
-        cfg = load_study(path)
-        name, storage = cfg.name, storage or cfg.run.storage
-    _print_ranking(name, storage)
     return 0
 
 
@@ -119,7 +110,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"hsgd-tune: warning: {message}", file=sys.stderr)
 
 
-COMMANDS = {"run": cmd_run, "rank": cmd_rank}
+COMMANDS = {"run": cmd_run, **cli_advisor.COMMANDS, **cli_worker.COMMANDS}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,10 +36,14 @@ OBJECTIVES = (
     "gap_bound",
     "decoupling_distance",
     "train_loss",
+    "certificate",
 )
 #: Knobs the trainer itself understands; they leave the theory's scope (plain SGD), so trials using
 #: them are tagged as such. Other knob names are passed to a user model's entry point.
 TRAINING_KNOBS = ("momentum", "weight_decay")
+#: Knobs of the injected α-stable noise ([training.noise] searched); inside the theory.
+NOISE_KNOBS = ("noise_alpha", "noise_sigma")
+POSTERIOR_KINDS = ("layer", "weight", "isotropic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +104,41 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class NoiseConfig:
+    """Isotropic α-stable noise added to both runs (DESIGN.md §2, heavy-tailed dynamics); off at σ = 0."""
+
+    alpha: float = 2.0
+    sigma: float = 0.0
+
+
+@dataclass(frozen=True)
+class CertificateConfig:
+    """The PAC-Bayes certificate (DESIGN.md §2); it takes half of each trial's δ_t."""
+
+    enabled: bool = True
+    posterior: str = "layer"  # learned variances per "layer" or per "weight", or "isotropic"
+    steps: int = 400  # optimisation steps of the posterior
+    mc_samples: int = 500  # Monte-Carlo draws m for the certified empirical error
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Tail index of the gradient noise and the analytic decoupling bounds."""
+
+    tail_index: bool = True
+    analytic: bool = True
+    checkpoints: int = 3  # recorded iterates where α̂ and M̂ are measured
+    noise_draws: int = 64  # minibatch gradients per checkpoint for α̂
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     steps: int = 1000
     record_every: int = 20
     divergence_factor: float = 100.0
+    noise: NoiseConfig = NoiseConfig()
+    sketch_above: int = 200_000  # models with more parameters record JL sketches (sketch.py)
+    sketch_dim: int = 2048  # k, the sketch's dimension
 
 
 @dataclass(frozen=True)
@@ -129,6 +164,17 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class RankConfig:
+    """How ``rank`` recommends one trial: among the finished trials whose ``within`` metric is at most
+    ``(1 + tolerance)`` times the best, the one with the smallest ``prefer`` metric. Like ``[run]``,
+    it changes no trial's result, so it is not part of the fingerprint."""
+
+    within: str = "val_loss"
+    tolerance: float = 0.05
+    prefer: str = "risk_bound"
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str
     data: DataConfig
@@ -139,8 +185,11 @@ class StudyConfig:
     training: TrainingConfig = TrainingConfig()
     bound: BoundConfig = BoundConfig()
     objectives: tuple[str, ...] = ("val_loss", "risk_bound")
+    certificate: CertificateConfig = CertificateConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     sampler: SamplerConfig = SamplerConfig()
     run: RunConfig = RunConfig()
+    rank: RankConfig = RankConfig()
     source_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -160,6 +209,7 @@ class StudyConfig:
         """Hash of everything that determines trial results (not ``run``, not the file's path)."""
         payload = self.to_dict()
         payload.pop("run")
+        payload.pop("rank")
         payload.pop("source_file")
         # max_trials is fixed when the study is created and kept by the study itself (study.py),
         # so a resumed study may name a larger budget here without changing its identity.
@@ -362,10 +412,11 @@ def _read_search(t: _Table, model: ModelConfig) -> SearchConfig:
     knobs = []
     for name in sorted(knobs_table.raw):
         knob = _read_knob(knobs_table.table(name), name, "float")
-        if model.kind != "entry_point" and name not in TRAINING_KNOBS:
+        _check_noise_knob(knobs_table.key(name), knob)
+        if model.kind != "entry_point" and name not in (*TRAINING_KNOBS, *NOISE_KNOBS):
             raise ConfigError(
                 knobs_table.key(name),
-                f"built-in models accept only the knobs {', '.join(TRAINING_KNOBS)}",
+                f"built-in models accept only the knobs {', '.join((*TRAINING_KNOBS, *NOISE_KNOBS))}",
                 name,
             )
         knobs.append(knob)
@@ -378,11 +429,63 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _check_noise_knob(key: str, knob: Knob) -> None:
+    """noise_alpha must stay in (0, 2] and noise_sigma >= 0 over the whole searched range."""
+    if knob.name not in NOISE_KNOBS:
+        return
+    values = knob.choices if knob.kind == "categorical" else (knob.low, knob.high)
+    if any(not _is_number(v) for v in values):
+        raise ConfigError(key, "must be numbers", list(values))
+    if knob.name == "noise_alpha" and any(not 0 < v <= 2 for v in values):
+        raise ConfigError(key, "must lie in (0, 2]", list(values))
+    if knob.name == "noise_sigma" and any(v < 0 for v in values):
+        raise ConfigError(key, "must be non-negative", list(values))
+
+
+def _read_noise(t: _Table) -> NoiseConfig:
+    cfg = NoiseConfig(alpha=t.get("alpha", "float", 2.0), sigma=t.get("sigma", "float", 0.0))
+    if not 0 < cfg.alpha <= 2:
+        raise ConfigError(t.key("alpha"), "must lie in (0, 2]", cfg.alpha)
+    if cfg.sigma < 0:
+        raise ConfigError(t.key("sigma"), "must be non-negative", cfg.sigma)
+    t.done()
+    return cfg
+
+
+def _read_certificate(t: _Table) -> CertificateConfig:
+    cfg = CertificateConfig(
+        enabled=t.get("enabled", "bool", True),
+        posterior=_one_of(t, "posterior", POSTERIOR_KINDS, "layer"),
+        steps=t.get("steps", "int", 400),
+        mc_samples=_positive(t, "mc_samples", "int", 500),
+    )
+    if cfg.steps < 0:
+        raise ConfigError(t.key("steps"), "must be non-negative", cfg.steps)
+    t.done()
+    return cfg
+
+
+def _read_diagnostics(t: _Table) -> DiagnosticsConfig:
+    cfg = DiagnosticsConfig(
+        tail_index=t.get("tail_index", "bool", True),
+        analytic=t.get("analytic", "bool", True),
+        checkpoints=_positive(t, "checkpoints", "int", 3),
+        noise_draws=_positive(t, "noise_draws", "int", 64),
+    )
+    if cfg.noise_draws < 8:
+        raise ConfigError(t.key("noise_draws"), "must be at least 8 (α̂ needs blocks)", cfg.noise_draws)
+    t.done()
+    return cfg
+
+
 def _read_training(t: _Table) -> TrainingConfig:
     cfg = TrainingConfig(
         steps=_positive(t, "steps", "int", 1000),
         record_every=_positive(t, "record_every", "int", 20),
         divergence_factor=_positive(t, "divergence_factor", "float", 100.0),
+        noise=_read_noise(t.table("noise")),
+        sketch_above=_positive(t, "sketch_above", "int", 200_000),
+        sketch_dim=_positive(t, "sketch_dim", "int", 2048),
     )
     if cfg.record_every > cfg.steps:
         raise ConfigError(t.key("record_every"), f"must not exceed steps = {cfg.steps}", cfg.record_every)
@@ -421,6 +524,18 @@ def _read_sampler(t: _Table) -> SamplerConfig:
         kind=_one_of(t, "kind", SAMPLERS, "tpe"),
         grid_points=_positive(t, "grid_points", "int", 5),
     )
+    t.done()
+    return cfg
+
+
+def _read_rank(t: _Table) -> RankConfig:
+    cfg = RankConfig(
+        within=_one_of(t, "within", OBJECTIVES, "val_loss"),
+        tolerance=t.get("tolerance", "float", 0.05),
+        prefer=_one_of(t, "prefer", OBJECTIVES, "risk_bound"),
+    )
+    if cfg.tolerance < 0:
+        raise ConfigError(t.key("tolerance"), "must be non-negative (a fraction of the best value)", cfg.tolerance)
     t.done()
     return cfg
 
@@ -469,7 +584,10 @@ def parse_study(raw: dict[str, Any], base_dir: Path) -> StudyConfig:
         bound=_read_bound(top.table("bound")),
         objectives=_read_objectives(top.table("objectives")),
         sampler=_read_sampler(top.table("sampler")),
+        certificate=_read_certificate(top.table("certificate")),
+        diagnostics=_read_diagnostics(top.table("diagnostics")),
         run=_read_run(top.table("run")),
+        rank=_read_rank(top.table("rank")),
     )
     top.done()
     if cfg.run.n_trials > cfg.max_trials:
@@ -478,6 +596,9 @@ def parse_study(raw: dict[str, Any], base_dir: Path) -> StudyConfig:
             f"must not exceed bound.max_trials = {cfg.max_trials} (δ is split over it)",
             cfg.run.n_trials,
         )
+    if "certificate" in cfg.objectives and not cfg.certificate.enabled:
+        rule = "may name 'certificate' only when certificate.enabled"
+        raise ConfigError("objectives.minimize", rule, "certificate")
     if model.entry_point is not None:
         _check_entry_point(model.entry_point, base_dir)
     return cfg
@@ -508,4 +629,13 @@ def with_run(cfg: StudyConfig, **changes: Any) -> StudyConfig:
     changes = {k: v for k, v in changes.items() if v is not None}
     # δ stays split over the study file's budget, whatever budget this one run asks for.
     bound = dataclasses.replace(cfg.bound, max_trials=cfg.max_trials)
-    return dataclasses.replace(cfg, bound=bound, run=dataclasses.replace(cfg.run, **changes))
+    run = dataclasses.replace(cfg.run, **changes)
+    if run.n_trials > bound.max_trials:  # refuse here, before a study is created for fewer trials
+        raise ConfigError(
+            "run.n_trials",
+            f"must not exceed bound.max_trials = {bound.max_trials} (δ is split over it; "
+            "set bound.max_trials in the study file to plan for more)",
+            run.n_trials,
+            file=cfg.source_file,
+        )
+    return dataclasses.replace(cfg, bound=bound, run=run)

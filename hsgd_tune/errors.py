@@ -28,10 +28,15 @@ class ConfigError(HsgdError, ValueError):
         return f"{where}{self.key}: {self.rule}, got {self.value!r}"
 
     def in_file(self, file: str | Path) -> ConfigError:
-        """Return the same error, attributed to ``file`` (keeps an existing attribution)."""
-        if self.file is None:
-            self.file = file
-            self.args = (self._message(),)
+        """Return the same error, attributed to the study file ``file``.
+
+        An error already attributed to another file (a CSV the study names) keeps that file in
+        its rule, so the line names both: ``study.toml: data.target: ... (in data.csv), got ...``.
+        """
+        if self.file is not None and Path(self.file) != Path(file):
+            self.rule = f"{self.rule} (in {self.file})"
+        self.file = file
+        self.args = (self._message(),)
         return self
 
     def __str__(self) -> str:

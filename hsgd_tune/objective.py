@@ -23,6 +23,7 @@ from hsgd_tune.config import TRAINING_KNOBS, StudyConfig
 from hsgd_tune.data import Dataset
 from hsgd_tune.errors import DivergedError
 from hsgd_tune.models import ModelSpec, model_spec
+from hsgd_tune.sketch import sketch_assumptions
 from hsgd_tune.study import FAIL_REASON, sample_params, worker_identity
 from hsgd_tune.tracking import Tracker, flatten
 from hsgd_tune.training import H_RUN, S_RUN, TrainSettings, TwinRun, train_twin
@@ -39,7 +40,12 @@ class TrialOutcome:
     def metrics(self) -> dict[str, float]:
         """Final metrics, every bound term and timings, namespaced (``val/loss``, ``bound/…``)."""
         seconds = {f"time/{k}_s": v for k, v in self.run.seconds.items()}
-        return {**self.run.final, **self.bound.metrics(), **seconds, "train/n_parameters": self.run.trajectories.shape[2]}
+        run = self.run
+        sizes = {"train/n_parameters": run.n_parameters, "train/trajectory_bytes": run.trajectories.nbytes}
+        if self.run.sketch_dim:
+            epsilon, _ = sketch_assumptions(self.run.sketch_dim, self.bound.n_points)
+            sizes |= {"bound/sketch_dim": self.run.sketch_dim, "bound/sketch_epsilon": epsilon}
+        return {**self.run.final, **self.bound.metrics(), **seconds, **sizes}
 
     def objective(self, name: str) -> float:
         return {
@@ -53,7 +59,10 @@ class TrialOutcome:
 
     def tags(self) -> dict[str, str]:
         """The assumption behind each bound term, and whether the trial is inside the theory."""
-        tags = {f"hsgd.assumption.{term}": text for term, text in self.bound.assumptions().items()}
+        assumptions = self.bound.assumptions()
+        if self.run.sketch_dim:  # distances between JL sketches are estimates (sketch.py)
+            assumptions |= sketch_assumptions(self.run.sketch_dim, self.bound.n_points)[1]
+        tags = {f"hsgd.assumption.{term}": text for term, text in assumptions.items()}
         outside = self.settings.outside_theory
         tags["hsgd.theory"] = "outside: " + ", ".join(outside) if outside else "plain SGD (inside)"
         tags["hsgd.vacuous.risk_bound"] = str(self.bound.risk_bound_vacuous).lower()
@@ -74,6 +83,8 @@ def train_settings(cfg: StudyConfig, params: dict[str, Any]) -> TrainSettings:
         weight_decay=float(params.get("weight_decay", 0.0)),
         loss_clip=cfg.bound.loss_clip,
         lipschitz_subsample=cfg.bound.lipschitz_subsample,
+        sketch_above=cfg.training.sketch_above,
+        sketch_dim=cfg.training.sketch_dim,
         device=cfg.device,
     )
 
@@ -112,6 +123,7 @@ def write_artifacts(outcome: TrialOutcome, folder: Path) -> None:
         empirical=run.trajectories[S_RUN],
         reference=run.trajectories[H_RUN],
         grad_norms=run.grad_norms,
+        sketch_dim=run.sketch_dim,  # 0: iterates in full; k: JL sketches (hsgd_tune/sketch.py)
     )
     model_dir = folder / "model"
     model_dir.mkdir()

@@ -14,19 +14,27 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hsgd_tune.config import StudyConfig
 from hsgd_tune.data import Dataset, load_dataset
-from hsgd_tune.errors import ConfigError, DivergedError, HsgdError
+from hsgd_tune.errors import ConfigError, HsgdError
 from hsgd_tune.models import model_spec
 from hsgd_tune.objective import Objective
 from hsgd_tune.study import (
     FAIL_REASON,
     create_or_resume,
-    fail_orphaned_trials,
     open_storage,
     storage_description,
     trials_done,
 )
 from hsgd_tune.tracking import RUN_STATUS, Tracker
 from hsgd_tune.training import initial_model
+from hsgd_tune.worker import (
+    StudyLock,
+    WorkerOptions,
+    check_tracking,
+    close_parent,
+    open_parent_once,
+    run_trials,
+    trial_line_printer,
+)
 
 
 @dataclass(frozen=True)
@@ -63,50 +71,56 @@ def _knob_values(knob) -> list:
     return list(knob.choices) if knob.kind == "categorical" else [knob.low, knob.high]
 
 
-def run_study(cfg: StudyConfig, tracker: Tracker | None = None, progress: bool = True) -> RunSummary:
-    """Run ``cfg`` until it has ``cfg.run.n_trials`` finished trials (resuming if it exists)."""
+def run_study(
+    cfg: StudyConfig,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+    worker: WorkerOptions | None = None,
+) -> RunSummary:
+    """Run ``cfg`` until the study as a whole has ``cfg.run.n_trials`` finished trials, resuming it
+    if it exists. Any number of such workers may share the study (worker.py)."""
     data = prepare(cfg)
-    tracker = tracker or Tracker()
-    experiment_id = tracker.experiment_id(cfg.experiment_name)
-    storage = open_storage(cfg.run.storage)
-    study = create_or_resume(cfg, storage)
-    max_trials = study.user_attrs["max_trials"]
-    fail_orphaned_trials(study)
+    options = worker or WorkerOptions()
+    # Both stores are checked before either is written to: a bad one leaves nothing behind.
+    storage = open_storage(cfg.run.storage, heartbeat=options.heartbeat)
+    lock = StudyLock(storage, cfg.run.storage, cfg.name)
+    with lock():  # one study, one experiment, one parent run, whatever the number of workers
+        tracker = tracker or Tracker()  # creating a local MLflow database must not race either
+        check_tracking(tracker.uri)
+        experiment_id = tracker.experiment_id(cfg.experiment_name)
+        study = create_or_resume(cfg, storage)
+        max_trials = study.user_attrs["max_trials"]
+        parent_id = open_parent_once(
+            study,
+            tracker,
+            experiment_id,
+            params={k: v for k, v in _flat_config(cfg).items()},
+            tags={
+                "hsgd.fingerprint": cfg.fingerprint(),
+                "hsgd.storage": storage_description(cfg.run.storage),
+                "hsgd.objectives": ",".join(cfg.objectives),
+                "hsgd.max_trials": str(max_trials),
+                "hsgd.data": data.description,
+            },
+        )
     sync_run_statuses(study, tracker)
-    parent_id = tracker.open_parent(
-        experiment_id,
-        cfg.name,
-        params={k: v for k, v in _flat_config(cfg).items()},
-        tags={
-            "hsgd.fingerprint": cfg.fingerprint(),
-            "hsgd.storage": storage_description(cfg.run.storage),
-            "hsgd.objectives": ",".join(cfg.objectives),
-            "hsgd.max_trials": str(max_trials),
-            "hsgd.data": data.description,
-        },
-    )
     done_before = trials_done(study)
-    remaining = cfg.run.n_trials - done_before
+    remaining = max(cfg.run.n_trials - done_before, 0)
     objective = Objective(cfg, data, tracker, experiment_id, parent_id, max_trials)
-    display = Progress(cfg, remaining, done_before, enabled=progress)
-    status = "FINISHED"
+    display = Progress(cfg, remaining, done_before, enabled=progress and not options.lines)
+    on_trial = trial_line_printer(cfg, study) if options.lines else display.on_trial
+    interrupted, ran = False, 0
     try:
-        if remaining > 0:
-            study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=cfg.run.timeout,
-                catch=(DivergedError,),
-                callbacks=[display.on_trial, _stop_at_budget(cfg.run.n_trials)],
-            )
+        budget, timeout = cfg.run.n_trials, cfg.run.timeout
+        ran = run_trials(study, objective, budget, lock, tracker, experiment_id, options, timeout, on_trial)
     except KeyboardInterrupt:
-        status = "KILLED"
+        interrupted = True
         raise
     finally:
         display.close()
-        sync_run_statuses(study, tracker)
-        tracker.close_parent(parent_id, study_metrics(study), status=status)
-    return RunSummary(cfg.name, display.count, trials_done(study), cfg.run.n_trials, experiment_id, parent_id)
+        stopped = interrupted or options.stop.is_set()
+        close_parent(study, tracker, parent_id, study_metrics(study), cfg.run.n_trials, stopped)
+    return RunSummary(cfg.name, ran, trials_done(study), cfg.run.n_trials, experiment_id, parent_id)
 
 
 def _flat_config(cfg: StudyConfig) -> dict:
@@ -115,21 +129,12 @@ def _flat_config(cfg: StudyConfig) -> dict:
     return {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")}
 
 
-def _stop_at_budget(budget: int):
-    """Other workers may share the study: stop once the study as a whole has met its budget."""
-
-    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        if trials_done(study) >= budget:
-            study.stop()
-
-    return callback
-
-
 def sync_run_statuses(study: optuna.Study, tracker: Tracker) -> None:
     """Make every trial's MLflow run status mirror its Optuna state (e.g. after a killed process)."""
     for trial in study.get_trials(deepcopy=False):
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id is None or trial.state == TrialState.RUNNING:
+        # A queued re-run (WAITING) carries the dead trial's run id in its copied user attrs.
+        if run_id is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
         if tracker.client.get_run(run_id).info.status != RUN_STATUS[trial.state.name]:
             reason = trial.user_attrs.get(FAIL_REASON, "worker process ended before the trial did")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -32,15 +32,17 @@ def storage_description(url: str | None) -> str:
     return url or f"journal file {DEFAULT_JOURNAL}"
 
 
-def open_storage(url: str | None) -> BaseStorage:
+def open_storage(url: str | None, heartbeat: int | None = None) -> BaseStorage:
     """A journal file under ``mlruns/`` by default; a database URL (``postgresql://…``) or a
-    journal file path otherwise."""
+    journal file path otherwise. Databases get heartbeats every ``heartbeat`` s (worker.py)."""
     try:
         if url is None or "://" not in url:
             path = Path(url) if url else DEFAULT_JOURNAL
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
-        return RDBStorage(url, heartbeat_interval=10, grace_period=30)
+        from hsgd_tune.worker import HEARTBEAT_S, open_database  # worker.py imports this module
+
+        return open_database(url, heartbeat or HEARTBEAT_S)
     except Exception as exc:
         raise StorageError(f"Optuna storage {url!r} cannot be used: {str(exc).splitlines()[0]}") from None
 
@@ -53,10 +55,19 @@ def make_sampler(cfg: StudyConfig, n_existing: int) -> optuna.samplers.BaseSampl
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "grid":
-        return optuna.samplers.GridSampler(grid_space(cfg), seed=seed)
+        return _GridSampler(grid_space(cfg), seed=seed)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, minus its ``study.stop()`` once the grid is walked: Optuna allows that
+    call only inside ``study.optimize``, and our workers ask and tell (worker.py), stopping at the
+    study's budget instead. A budget beyond the grid re-evaluates grid points."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 def grid_space(cfg: StudyConfig) -> dict[str, list[Any]]:

@@ -54,8 +54,13 @@ class Tracker:
 
     def __init__(self, uri: str | None = None):
         self.uri = uri or tracking_uri()
-        if self.uri == DEFAULT_TRACKING_URI:
+        self.local = self.uri == DEFAULT_TRACKING_URI
+        if self.local:
             LOCAL_ARTIFACT_ROOT.mkdir(parents=True, exist_ok=True)
+            # Pin the relative default to this directory: MLflow caches stores (and their open
+            # SQLite connections) by URI, so after a chdir a relative URI would still write to the
+            # first directory's database while Optuna's journal follows the new directory.
+            self.uri = f"sqlite:///{LOCAL_ARTIFACT_ROOT.parent.resolve() / 'mlflow.db'}"
         self.client = MlflowClient(self.uri)
         # MLflow announces creating and migrating its database at INFO; users need not see it.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -68,7 +73,7 @@ class Tracker:
             found = self.client.get_experiment_by_name(name)
             if found is not None or not create:
                 return found.experiment_id if found else None
-            location = LOCAL_ARTIFACT_ROOT.resolve().as_uri() if self.uri == DEFAULT_TRACKING_URI else None
+            location = LOCAL_ARTIFACT_ROOT.resolve().as_uri() if self.local else None
             try:
                 return self.client.create_experiment(name, artifact_location=location)
             except Exception:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +25,8 @@ from torch.func import functional_call, grad, vmap
 
 from hsgd_tune.data import Dataset, Split
 from hsgd_tune.errors import DivergedError
-from hsgd_tune.models import ModelSpec, build_model, linear_layers, load_flat_parameters
+from hsgd_tune.models import ModelSpec, build_model, count_parameters, linear_layers, load_flat_parameters
+from hsgd_tune.sketch import SignSketch
 
 S_RUN, H_RUN = 0, 1
 
@@ -45,6 +46,10 @@ class TrainSettings:
     loss_clip: float = 5.0
     lipschitz_subsample: int = 64
     device: str = "cpu"
+    noise_alpha: float = 2.0  # injected α-stable noise σ η^{1/α} ξ_k, shared by both runs (noise.py)
+    noise_sigma: float = 0.0  # 0: plain SGD
+    sketch_above: int = 200_000  # record JL sketches of the iterates above this many parameters
+    sketch_dim: int = 2048
 
     @property
     def outside_theory(self) -> list[str]:
@@ -68,6 +73,8 @@ class TwinRun:
     grad_norms: np.ndarray  # (2, N, m) per-example gradient norms of the clipped loss
     model: nn.Module  # the S-run's final model, on the CPU
     seconds: dict[str, float] = field(default_factory=dict)
+    n_parameters: int = 0  # p, the model's parameter count
+    sketch_dim: int = 0  # k when ``trajectories`` are JL sketches (2, N, k) of the iterates, else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +164,8 @@ def minibatch_positions(n: int, batch_size: int, steps: int, seed: int) -> Itera
 
     The same positions index S in the S-run and H (modulo |H|) in the H-run.
     """
+    if not 1 <= batch_size <= n:  # otherwise an epoch holds no batch and this would loop forever
+        raise ValueError(f"batch_size must be between 1 and the {n} training examples, got {batch_size}")
     rng = np.random.default_rng(seed)
     per_epoch = n // batch_size
     step = 0
@@ -207,11 +216,14 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
     xv, yv = _tensors(data.val, data.task, device)
     n_s, n_h = len(ys), len(yh)
 
-    recorder = _Recorder(twin, data.task, (xs, ys), (xh, yh), (xv, yv))
+    store = _iterate_store(spec, data, settings)
+    recorder = _Recorder(twin, data.task, (xs, ys), (xh, yh), (xv, yv), store=store)
     recorder.record(0, interval_loss=None)
     limit = settings.divergence_factor * recorder.initial_losses
     velocity = [torch.zeros_like(p) for p in twin.params] if settings.momentum else None
     interval_loss = torch.zeros(2, device=device)
+    noise = _levy_noise(settings, device)
+    n_weights = int(twin.flat().shape[1])
     positions = minibatch_positions(n_s, settings.batch_size, settings.steps, settings.seed)
     for step, pos in enumerate(positions, start=1):
         idx_s = torch.as_tensor(pos, device=device)
@@ -221,6 +233,8 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
         run_loss = per_example_loss(twin.forward(xb), yb, data.task).mean(dim=1)  # (2,)
         grads = torch.autograd.grad(run_loss.sum(), twin.params)
         _sgd_update(twin.params, grads, settings, velocity)
+        if noise is not None:
+            _add_shared(twin, noise.increment(step, n_weights))
         interval_loss += run_loss.detach()
         if step % settings.record_every == 0 or step == settings.steps:
             done_since = step - recorder.steps[-1]
@@ -229,11 +243,13 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
             interval_loss.zero_()
     trained = time.perf_counter()
 
-    trajectories = np.stack(recorder.iterates, axis=1)  # (2, N, p)
-    final_model = load_flat_parameters(initial_model(spec, settings.seed), torch.as_tensor(trajectories[S_RUN, -1]))
-    grad_norms = clipped_gradient_norms(
-        final_model, trajectories, data, settings.loss_clip, settings.lipschitz_subsample, settings.seed
-    )
+    in_loop = sum(store.seconds.values())  # chunks already flushed during training
+    final_model = initial_model(spec, settings.seed)
+    load_flat_parameters(final_model, torch.from_numpy(store.latest[S_RUN]))  # the last S-run iterate
+    trajectories, grad_norms = store.finish()  # (2, N, p or k), (2, N, m)
+    seconds = {"training": trained - started - in_loop, "lipschitz": store.seconds["lipschitz"]}
+    if store.sketch is not None:
+        seconds["sketch"] = store.seconds["sketch"]
     return TwinRun(
         record_steps=np.asarray(recorder.steps),
         trajectories=trajectories,
@@ -241,8 +257,33 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
         final=recorder.final_metrics(settings.loss_clip),
         grad_norms=grad_norms,
         model=final_model,
-        seconds={"training": trained - started, "lipschitz": time.perf_counter() - trained},
+        seconds=seconds,
+        n_parameters=store.n_parameters,
+        sketch_dim=store.sketch.dim if store.sketch is not None else 0,
     )
+
+
+def _levy_noise(settings: TrainSettings, device: torch.device):
+    """The trial's α-stable noise (DESIGN.md §2, heavy-tailed dynamics), or None without it."""
+    if not settings.noise_sigma:
+        return None
+    from hsgd_tune.noise import LevyNoise  # scipy.stats only when asked for
+
+    alpha, sigma = settings.noise_alpha, settings.noise_sigma
+    return LevyNoise(alpha, sigma, settings.learning_rate, settings.steps, settings.seed, device)
+
+
+def _add_shared(twin, increment: torch.Tensor) -> None:
+    """Add the same (p,) increment to both runs' weights, in flat-vector order (shared noise)."""
+    with torch.no_grad():
+        if isinstance(twin, StackedTwin):
+            for p, c in zip(twin.params, increment.split([p[0].numel() for p in twin.params]), strict=True):
+                p.add_(c.view(p.shape[1:]))
+            return
+        for model in twin.models:
+            params = list(model.parameters())
+            for p, c in zip(params, increment.split([p.numel() for p in params]), strict=True):
+                p.add_(c.view_as(p))
 
 
 def _sgd_update(params, grads, settings: TrainSettings, velocity) -> None:
@@ -269,18 +310,18 @@ def _check_divergence(recorder: _Recorder, limit: torch.Tensor, step: int) -> No
                 "(divergence_factor × initial loss)",
                 step,
             )
-        if not np.isfinite(recorder.iterates[-1][run]).all():
+        if not np.isfinite(recorder.store.latest[run]).all():
             raise DivergedError(f"{name} run's weights are not finite", step)
 
 
 class _Recorder:
     """Keeps iterates and curves at the recorded steps."""
 
-    def __init__(self, twin, task, train, reference, val):
+    def __init__(self, twin, task, train, reference, val, store: IterateStore):
         self.twin, self.task = twin, task
         self.train, self.reference, self.val = train, reference, val
+        self.store = store  # the iterates, with their gradient norms, maybe sketched
         self.steps: list[int] = []
-        self.iterates: list[np.ndarray] = []  # each (2, p)
         self.train_loss: list[np.ndarray] = []  # each (2,): minibatch loss over the last interval
         self.val_loss: list[np.ndarray] = []  # each (2,): full validation loss
 
@@ -299,7 +340,7 @@ class _Recorder:
             )
             self.initial_losses = interval_loss.clamp_min(1e-3)
         self.steps.append(step)
-        self.iterates.append(self.twin.flat().float().cpu().numpy())
+        self.store.add(self.twin.flat())
         self.train_loss.append(interval_loss.detach().cpu().numpy())
         self.val_loss.append(self.evaluate(*self.val)[0].mean(dim=1).cpu().numpy())
 
@@ -350,8 +391,88 @@ def clipped_gradient_norms(
 ) -> np.ndarray:
     """‖∇_w ℓ_B(w, z)‖ for every recorded iterate w of both runs and every z of the subsample.
 
-    ℓ_B = min(ℓ, B) has zero gradient where ℓ ≥ B. Returns (2, N, m).
+    ℓ_B = min(ℓ, B) has zero gradient where ℓ ≥ B. trajectories (2, N, p) → norms (2, N, m).
+    Built-in Linear/ReLU stacks take the closed form for all iterates at once; other models are
+    differentiated per iterate with ``vmap(grad)``.
     """
+    if not is_linear_relu_stack(model):
+        return _vmap_gradient_norms(model, trajectories, data, loss_clip, m, seed)
+    x_np, y_np = lipschitz_subsample(data, m, seed)
+    x = torch.as_tensor(x_np)
+    y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
+    shapes = [tuple(layer.weight.shape) for layer in linear_layers(model)]
+    iterates = torch.as_tensor(trajectories)
+    flat = iterates.reshape(-1, iterates.shape[-1])  # (2N, p): every iterate a model of the stack
+    norms = stacked_gradient_norms(shapes, flat, x, y, data.task, loss_clip)
+    return norms.reshape(*iterates.shape[:-1], len(y)).double().numpy()
+
+
+def is_linear_relu_stack(model: nn.Module) -> bool:
+    """True for what :func:`build_model` builds: Linear, then (ReLU, Linear)*, every Linear biased."""
+    if not isinstance(model, nn.Sequential) or len(model) % 2 == 0:
+        return False
+    expected = [nn.Linear if i % 2 == 0 else nn.ReLU for i in range(len(model))]
+    return all(type(layer) is kind for layer, kind in zip(model, expected, strict=True)) and all(
+        layer.bias is not None for layer in model[::2]
+    )
+
+
+#: Floats one chunk of :func:`stacked_gradient_norms` may hold (weights + activations): 64 MiB.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def stacked_gradient_norms(
+    shapes: list[tuple[int, int]],
+    iterates: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: str,
+    loss_clip: float,
+) -> torch.Tensor:
+    """Per-example gradient norms of ℓ_B for M Linear/ReLU stacks at once: iterates (M, p) → (M, m).
+
+    ``shapes`` are the (out, in) of each Linear; an iterate is W0, b0, W1, b1, … flattened (the order
+    of ``named_parameters``). For a Linear layer z = W a + b the per-example gradients are
+    ∂ℓ/∂W = δ aᵀ and ∂ℓ/∂b = δ with δ = ∂ℓ/∂z, so ‖∂ℓ/∂W‖² + ‖∂ℓ/∂b‖² = ‖δ‖²(‖a‖² + 1). Every δ
+    comes from one backward pass of the summed loss: example i of model j only reaches z[j, i].
+    The M models are processed in chunks that hold at most ``_CHUNK_ELEMENTS`` floats.
+    """
+    p = iterates.shape[1]
+    per_model = p + 3 * len(y) * sum(out + inp for out, inp in shapes)  # weights + a, z, δ per layer
+    step = max(1, _CHUNK_ELEMENTS // per_model)
+    with torch.enable_grad():  # callers may sit under no_grad; the backward pass below needs a graph
+        return torch.cat([_stacked_chunk(shapes, c, x, y, task, loss_clip) for c in iterates.split(step)])
+
+
+def _stacked_chunk(shapes, iterates, x, y, task, loss_clip) -> torch.Tensor:
+    """:func:`stacked_gradient_norms` on one chunk of M models: iterates (M, p) → (M, m)."""
+    n_models, m = iterates.shape[0], len(y)
+    h = x.to(iterates.dtype).expand(n_models, *x.shape)  # (M, m, d)
+    inputs, pre = [], []  # per layer: a (M, m, in) and z (M, m, out)
+    offset = 0
+    for i, (out, inp) in enumerate(shapes):
+        w = iterates[:, offset : offset + out * inp].reshape(n_models, out, inp)
+        b = iterates[:, offset + out * inp : offset + out * inp + out].unsqueeze(1)  # (M, 1, out)
+        offset += out * inp + out
+        if i > 0:
+            h = torch.relu(h)
+        z = torch.baddbmm(b, h, w.transpose(1, 2))
+        if i == 0:
+            z.requires_grad_(True)  # the graph starts here: weights and x need no gradient
+        inputs.append(h.detach())
+        pre.append(z)
+        h = z
+    loss = per_example_loss(h, y.expand(n_models, m), task)  # (M, m)
+    deltas = torch.autograd.grad(loss.sum(), pre)
+    # (M, m): Σ_layers ‖δ‖² (‖a‖² + 1)
+    sq = sum(d.pow(2).sum(-1) * (a.pow(2).sum(-1) + 1.0) for d, a in zip(deltas, inputs, strict=True))
+    return (sq.sqrt() * (loss.detach() < loss_clip)).detach()
+
+
+def _vmap_gradient_norms(
+    model: nn.Module, trajectories: np.ndarray, data: Dataset, loss_clip: float, m: int, seed: int
+) -> np.ndarray:
+    """The per-iterate ``vmap(grad)`` path of :func:`clipped_gradient_norms`, for any model."""
     model = copy.deepcopy(model).cpu()
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)
@@ -377,3 +498,71 @@ def clipped_gradient_norms(
                 inside = per_example_loss(functional_call(model, params, (x,)), y, data.task) < loss_clip
             norms[r, k] = (sq.sqrt() * inside).detach().numpy()
     return norms
+
+
+# ---------------------------------------------------------------------------------------------
+# Recorded iterates in bounded memory
+# ---------------------------------------------------------------------------------------------
+
+#: Full iterates a store may hold before it computes their gradient norms (and sketches them).
+_PENDING_BYTES = 64 << 20
+
+
+class IterateStore:
+    """The recorded iterates of both runs and their per-example gradient norms.
+
+    Full iterates wait until ``chunk`` records have arrived; then their gradient norms are computed
+    in one vectorised call, and they are kept as they are or, given a ``sketch``, as JL sketches
+    (sketch.py). A sketched model thus never holds more than ``chunk`` full iterates per run.
+    """
+
+    def __init__(self, norms: Callable[[np.ndarray], np.ndarray], p: int, sketch: SignSketch | None):
+        # norms: (2, c, p) iterates → (2, c, m) gradient norms; sketch: None to keep iterates in full
+        self.norms, self.n_parameters, self.sketch = norms, p, sketch
+        self.chunk = max(1, _PENDING_BYTES // (2 * 4 * p))  # records of (2, p) float32
+        self.latest: np.ndarray | None = None  # (2, p), the last full iterate of both runs
+        self.pending: list[np.ndarray] = []  # each (2, p)
+        self.kept: list[np.ndarray] = []  # each (2, c, p), or (2, c, k) when sketched
+        self.grad_norms: list[np.ndarray] = []  # each (2, c, m)
+        self.seconds = {"lipschitz": 0.0, "sketch": 0.0}
+
+    def add(self, iterate: torch.Tensor) -> None:
+        """iterate (2, p) of both runs at a recorded step."""
+        self.latest = iterate.detach().float().cpu().numpy()
+        self.pending.append(self.latest)
+        if len(self.pending) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        block = np.stack(self.pending, axis=1)  # (2, c, p)
+        self.pending = []
+        started = time.perf_counter()
+        self.grad_norms.append(self.norms(block))
+        normed = time.perf_counter()
+        if self.sketch is not None:
+            block = self.sketch.apply(torch.from_numpy(block.reshape(-1, self.n_parameters)))
+            block = block.numpy().reshape(2, -1, self.sketch.dim)
+        self.kept.append(block)
+        self.seconds["lipschitz"] += normed - started
+        self.seconds["sketch"] += time.perf_counter() - normed
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(2, N, p or k) recorded trajectories and (2, N, m) their gradient norms."""
+        self.flush()
+        return np.concatenate(self.kept, axis=1), np.concatenate(self.grad_norms, axis=1)
+
+
+def _iterate_store(spec: ModelSpec, data: Dataset, settings: TrainSettings) -> IterateStore:
+    """The store of one twin run; the sketch, seeded from the study seed, is shared by both runs."""
+    template = initial_model(spec, settings.seed)  # shapes for the gradient norms, on the CPU
+    p = count_parameters(template)
+    sketch = SignSketch(p, settings.sketch_dim, settings.seed) if p > settings.sketch_above else None
+
+    def norms(block: np.ndarray) -> np.ndarray:
+        return clipped_gradient_norms(
+            template, block, data, settings.loss_clip, settings.lipschitz_subsample, settings.seed
+        )
+
+    return IterateStore(norms, p, sketch)

@@ -3,13 +3,36 @@
 Imports neither torch, optuna nor mlflow, so it can be tested and reused on saved arrays.
 """
 
+from hsgd_tune.bound.analytic import contractive_bound, gronwall_bound
 from hsgd_tune.bound.assemble import TrajectoryBound, trajectory_bound
 from hsgd_tune.bound.complexity import complexity_term, trial_delta
 from hsgd_tune.bound.distance import hausdorff_distance, synchronous_distance
 from hsgd_tune.bound.lipschitz import lipschitz_estimate
+from hsgd_tune.bound.pacbayes import (
+    Certificate,
+    binary_kl,
+    certificate,
+    gaussian_kl,
+    geometric_grid,
+    kl_inverse_upper,
+    mc_error_upper,
+    pac_bayes_kl_bound,
+)
+from hsgd_tune.bound.tail_index import tail_index
 
 __all__ = [
+    "Certificate",
     "TrajectoryBound",
+    "binary_kl",
+    "certificate",
+    "contractive_bound",
+    "gaussian_kl",
+    "geometric_grid",
+    "gronwall_bound",
+    "kl_inverse_upper",
+    "mc_error_upper",
+    "pac_bayes_kl_bound",
+    "tail_index",
     "complexity_term",
     "hausdorff_distance",
     "lipschitz_estimate",

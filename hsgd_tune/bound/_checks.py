@@ -56,9 +56,7 @@ def finite_array(name: str, value: object) -> np.ndarray:
     if array.size == 0:
         raise ValueError(f"{name} must be non-empty, got shape {array.shape!r}")
     if not np.all(np.isfinite(array)):
-        raise ValueError(
-            f"{name} must contain only finite values, got {_nonfinite(array)}"
-        )
+        raise ValueError(f"{name} must contain only finite values, got {_nonfinite(array)}")
     return array
 
 
@@ -66,9 +64,7 @@ def point_set(name: str, value: object) -> np.ndarray:
     """Return ``value`` as a float64 (N, p) array of N >= 1 finite points in R^p, p >= 1."""
     array = np.asarray(value, dtype=np.float64)
     if array.ndim != 2:
-        raise ValueError(
-            f"{name} must be a 2-D array (N, p), got shape {array.shape!r}"
-        )
+        raise ValueError(f"{name} must be a 2-D array (N, p), got shape {array.shape!r}")
     return finite_array(name, array)
 
 

@@ -24,8 +24,7 @@ _ASSUMPTIONS = {
     "synchronous_distance": "measured: max distance between same-step iterates (>= decoupling_distance)",
     "lipschitz": "estimated: max per-example gradient norm on a subsample; not certified",
     "complexity": (
-        "exact: Hoeffding + union bound over N reference iterates independent of S, "
-        "δ_t = δ/max_trials"
+        "exact: Hoeffding + union bound over N reference iterates independent of S, δ_t = δ/max_trials"
     ),
     "gap_bound": "holds if L̂ ≥ L (rests on the Lipschitz estimate)",
     "train_risk_clipped": "measured: empirical risk on S of the loss clipped at B, last iterate",

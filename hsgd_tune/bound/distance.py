@@ -35,9 +35,7 @@ def hausdorff_distance(a: np.ndarray, b: np.ndarray, chunk_rows: int = 256) -> f
     a = _checks.point_set("a", a)
     b = _checks.point_set("b", b)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"a and b must have the same number of columns p, got {a.shape!r} and {b.shape!r}"
-        )
+        raise ValueError(f"a and b must have the same number of columns p, got {a.shape!r} and {b.shape!r}")
     chunk_rows = _checks.count("chunk_rows", chunk_rows)
     # Hausdorff distance is translation invariant. Centering on the common mean shrinks the norms
     # that the expansion's rounding error scales with, so far fewer candidate pairs survive.
@@ -65,9 +63,7 @@ def synchronous_distance(a: np.ndarray, b: np.ndarray) -> float:
     a = _checks.point_set("a", a)
     b = _checks.point_set("b", b)
     if a.shape != b.shape:
-        raise ValueError(
-            f"a and b must have the same shape (N, p), got {a.shape!r} and {b.shape!r}"
-        )
+        raise ValueError(f"a and b must have the same shape (N, p), got {a.shape!r} and {b.shape!r}")
     diff = a - b  # (N, p)
     return float(np.sqrt(np.max(np.einsum("ij,ij->i", diff, diff))))
 

@@ -32,7 +32,5 @@ def lipschitz_estimate(grad_norms: np.ndarray) -> float:
     grad_norms = _checks.finite_array("grad_norms", grad_norms)
     if np.any(grad_norms < 0.0):
         smallest = float(np.min(grad_norms))
-        raise ValueError(
-            f"grad_norms must be >= 0 (they are norms), got a minimum of {smallest!r}"
-        )
+        raise ValueError(f"grad_norms must be >= 0 (they are norms), got a minimum of {smallest!r}")
     return float(np.max(grad_norms))

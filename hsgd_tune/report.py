@@ -1,0 +1,437 @@
+"""The study report: PNG plots and one HTML page, logged to the study's parent MLflow run.
+
+What the user reads to decide: where the Pareto front lies and which trial the rule picks; how
+validation loss, the bound and its terms vary over learning rate × batch size; what the bound is
+made of; how the empirical and reference trajectories drift apart; and whether the bound ranks the
+trials like the observed generalization gap does (Kendall's τ and the granulated Ψ, DESIGN.md §2).
+
+The math (binning, projection, correlations) is in small pure functions; the drawing functions take
+tables and arrays and write one PNG each.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window (headless servers, CI)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from hsgd_tune.config import StudyConfig  # noqa: E402
+from hsgd_tune.correlation import granulated_kendall, kendall_tau  # noqa: E402
+from hsgd_tune.ranking import METRIC_ATTRS, Ranking, markdown_table, rule_text  # noqa: E402
+from hsgd_tune.tracking import Tracker  # noqa: E402
+
+#: Heatmaps drawn when the trials report the metric: trial user attribute → (file stem, title).
+HEATMAPS = {
+    "val/loss": ("val_loss", "validation loss"),
+    "bound/risk_bound": ("risk_bound", "risk bound"),
+    "bound/decoupling_distance": ("decoupling_distance", "decoupling distance D"),
+    "bound/tail_index": ("tail_index", "tail index α̂"),
+}
+#: Measures whose rank agreement with the gap is reported; the last two are baselines (DESIGN.md §2).
+MEASURES = ("bound/risk_bound", "bound/gap_bound", "bound/decoupling_distance", "lr/b", "val/loss")
+MAX_LR_BINS = 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def log_bins(values: np.ndarray, max_bins: int = MAX_LR_BINS) -> np.ndarray:
+    """Each positive value (n,) replaced by the geometric centre of its bin, so that trials with
+    nearby learning rates share a heatmap cell and a granulated-Kendall group.
+
+    At most ``max_bins`` distinct values are kept as they are (a grid study); otherwise
+    ``max_bins`` bins of equal width on a log scale span [min, max].
+    """
+    values = np.asarray(values, dtype=float)
+    if len(np.unique(values)) <= max_bins:
+        return values
+    edges = np.geomspace(values.min(), values.max(), max_bins + 1)
+    index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, max_bins - 1)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    return centres[index]
+
+
+def pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project points (N, p) on their two principal axes: returns (N, 2) and the fraction of the
+    variance each axis explains (2,). Fewer than 2 axes with variance: the missing ones are 0."""
+    centred = points - points.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = np.zeros((2, points.shape[1]))
+    axes[: min(2, len(vt))] = vt[:2]
+    total = float(np.sum(s**2))
+    explained = np.zeros(2)
+    if total > 0:
+        explained[: min(2, len(s))] = s[:2] ** 2 / total
+    return centred @ axes.T, explained
+
+
+def trial_metrics(ranking: Ranking) -> pd.DataFrame:
+    """One row per finished trial: its params and every metric kept in its user attributes, plus
+    ``gap`` = val/loss − train/loss (the observed generalization gap) and ``lr/b``."""
+    rows = []
+    for t in ranking.study.get_trials(deepcopy=False):
+        if t.state.name != "COMPLETE":
+            continue
+        numbers = {
+            k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        rows.append({"trial": t.number, **t.params, **numbers})
+    table = pd.DataFrame(rows)
+    table["gap"] = table["val/loss"] - table["train/loss"]
+    table["lr/b"] = table["learning_rate"] / table["batch_size"]
+    table["lr_bin"] = log_bins(table["learning_rate"].to_numpy())
+    return table
+
+
+def correlations(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Kendall's τ and the granulated Ψ (with ψ per hyperparameter) of each measure against the gap.
+
+    Granulation groups trials that share every other hyperparameter; a learning rate sampled on a
+    continuous scale is first put in log bins (:func:`log_bins`), else no two trials would share one.
+    """
+    hparams = pd.DataFrame({"learning_rate": metrics["lr_bin"], "batch_size": metrics["batch_size"]})
+    rows = []
+    for measure in MEASURES:
+        if measure not in metrics:
+            continue
+        psi, parts = granulated_kendall(metrics[measure], metrics["gap"], hparams)
+        rows.append(
+            {
+                "measure": measure,
+                "tau": kendall_tau(metrics[measure], metrics["gap"]),
+                "Psi": psi,
+                **{f"psi_{k}": v for k, v in parts.items()},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def selected_trials(metrics: pd.DataFrame, recommended: int | None) -> dict[int, str]:
+    """The few trials whose trajectories are drawn: trial number → why it was chosen."""
+    chosen: dict[int, str] = {}
+    if recommended is not None:
+        chosen[recommended] = "recommended"
+    for column, why in (("val/loss", "lowest val loss"), ("bound/risk_bound", "lowest bound")):
+        chosen.setdefault(int(metrics.loc[metrics[column].idxmin(), "trial"]), why)
+    chosen.setdefault(int(metrics.loc[metrics["bound/risk_bound"].idxmax(), "trial"]), "highest bound")
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading what the plots need from MLflow
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyRecords:
+    metrics: pd.DataFrame  # trial_metrics()
+    curves: dict[int, dict[str, pd.Series]]  # trial → curve name → values indexed by step
+    trajectories: dict[int, dict[str, np.ndarray]]  # selected trial → npz arrays
+    selected: dict[int, str]
+
+
+def read_records(ranking: Ranking, tracker: Tracker) -> StudyRecords:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a report, not a download log
+    metrics = trial_metrics(ranking)
+    run_ids = {t.number: t.user_attrs.get("mlflow_run_id") for t in ranking.study.get_trials(deepcopy=False)}
+    curves = {}
+    for number in metrics["trial"]:
+        curves[int(number)] = {
+            name: _history(tracker, run_ids[number], name) for name in ("val/loss", "train/minibatch_loss")
+        }
+    selected = selected_trials(metrics, ranking.recommended)
+    trajectories = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for number in selected:
+            path = tracker.client.download_artifacts(run_ids[number], "trajectories.npz", tmp)
+            with np.load(path) as npz:
+                trajectories[number] = {k: npz[k] for k in npz.files}
+    return StudyRecords(metrics, curves, trajectories, selected)
+
+
+def _history(tracker: Tracker, run_id: str, key: str) -> pd.Series:
+    history = tracker.client.get_metric_history(run_id, key)
+    series = pd.Series({m.step: m.value for m in history}, dtype=float)  # last value per step wins
+    return series.sort_index()
+
+
+# ---------------------------------------------------------------------------------------------
+# The plots: one function per PNG
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_pareto(ranking: Ranking, metrics: pd.DataFrame, path: Path) -> None:
+    """Validation loss vs risk bound; the front joined, the recommended trial starred, and the
+    rule's tolerance band shaded when it applies to validation loss."""
+    front = set(ranking.table.loc[ranking.table["pareto_rank"] == 1, "trial"])
+    x, y = metrics["val/loss"], metrics["bound/risk_bound"]
+    on_front = metrics["trial"].isin(front)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ax.scatter(x[~on_front], y[~on_front], c="0.6", label="other trials")
+    ax.scatter(x[on_front], y[on_front], c="tab:blue", label="Pareto front (study objectives)")
+    if ranking.rule.within == "val_loss":
+        limit = x.min() + ranking.rule.tolerance * abs(x.min())
+        ax.axvspan(
+            x.min(),
+            limit,
+            color="tab:green",
+            alpha=0.15,
+            label=f"val loss within {ranking.rule.tolerance:.0%}",
+        )
+    if ranking.recommended is not None:
+        row = metrics[metrics["trial"] == ranking.recommended].iloc[0]
+        ax.scatter(
+            row["val/loss"], row["bound/risk_bound"], marker="*", s=300, c="tab:red", label="recommended"
+        )
+    for _, row in metrics.iterrows():
+        ax.annotate(
+            str(int(row["trial"])),
+            (row["val/loss"], row["bound/risk_bound"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    if y.max() / max(y.min(), 1e-12) > 20:
+        ax.set_yscale("log")
+    ax.set(
+        xlabel="validation loss",
+        ylabel="risk bound (clipped loss)",
+        title=f"{ranking.name}: validation loss vs bound",
+    )
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_heatmap(metrics: pd.DataFrame, column: str, title: str, path: Path) -> None:
+    """Mean of ``column`` per (learning-rate bin, batch size) cell, the value written in the cell."""
+    grid = metrics.pivot_table(index="lr_bin", columns="batch_size", values=column, aggfunc="mean")
+    counts = metrics.pivot_table(index="lr_bin", columns="batch_size", values=column, aggfunc="count")
+    fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.6 * grid.shape[0] + 2))
+    values = grid.to_numpy(dtype=float)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto", origin="lower")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                n = int(counts.iloc[i, j])
+                ax.text(
+                    j,
+                    i,
+                    f"{values[i, j]:.3g}" + (f"\n(n={n})" if n > 1 else ""),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="w",
+                )
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [f"{v:.3g}" for v in grid.index])
+    ax.set(xlabel="batch size", ylabel="learning rate (bin centre)", title=f"{title} (mean per cell)")
+    fig.colorbar(image, ax=ax)
+    _save(fig, path)
+
+
+def plot_decomposition(metrics: pd.DataFrame, recommended: int | None, path: Path) -> None:
+    """Risk bound = train risk (clipped) + complexity C + 2·L̂·D, one stacked bar per trial."""
+    table = metrics.sort_values("bound/risk_bound")
+    parts = {
+        "train risk R̂_S,B": table["bound/train_risk_clipped"],
+        "complexity C": table["bound/complexity"],
+        "2·L̂·D (decoupling)": 2 * table["bound/lipschitz"] * table["bound/decoupling_distance"],
+    }
+    labels = [f"{int(t)}{' ★' if t == recommended else ''}" for t in table["trial"]]
+    fig, ax = plt.subplots(figsize=(6.4, 0.25 * len(table) + 1.5))
+    left = np.zeros(len(table))
+    for name, values in parts.items():
+        ax.barh(labels, values, left=left, label=name)
+        left += values.to_numpy()
+    ax.axvline(float(table["bound/loss_clip"].iloc[0]), color="k", ls="--", lw=1, label="B (vacuous beyond)")
+    ax.set(xlabel="risk bound", ylabel="trial (★ recommended)", title="What the bound is made of")
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def plot_trajectories(records: StudyRecords, path: Path) -> None:
+    """Both trajectories of each selected trial, projected jointly on their two principal axes."""
+    n = len(records.selected)
+    cols = min(n, 2)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.2 * rows), squeeze=False)
+    for ax, (number, why) in zip(axes.flat, records.selected.items(), strict=False):
+        arrays = records.trajectories[number]
+        s, h = arrays["empirical"], arrays["reference"]  # (N, p) each
+        projected, explained = pca_2d(np.concatenate([s, h]))
+        ps, ph = projected[: len(s)], projected[len(s) :]
+        ax.plot(ps[:, 0], ps[:, 1], "-o", ms=2, label="empirical (S)")
+        ax.plot(ph[:, 0], ph[:, 1], "-o", ms=2, label="reference (H)")
+        ax.scatter(*ps[0], c="k", marker="s", zorder=3, label="start")
+        ax.scatter(
+            [ps[-1, 0], ph[-1, 0]], [ps[-1, 1], ph[-1, 1]], c="tab:red", marker="x", zorder=3, label="end"
+        )
+        ax.set(
+            title=f"trial {number} ({why})",
+            xlabel=f"PC1 ({explained[0]:.0%})",
+            ylabel=f"PC2 ({explained[1]:.0%})",
+        )
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    _save(fig, path)
+
+
+def plot_learning_curves(records: StudyRecords, recommended: int | None, path: Path) -> None:
+    """Validation loss and S-run minibatch loss over steps; the recommended trial in colour."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, name in zip(axes, ("val/loss", "train/minibatch_loss"), strict=True):
+        for number, curves in records.curves.items():
+            series = curves[name]
+            style = {"c": "tab:red", "lw": 2, "zorder": 3, "label": f"trial {number} (recommended)"}
+            ax.plot(
+                series.index, series.values, **(style if number == recommended else {"c": "0.7", "lw": 0.8})
+            )
+        ax.set(xlabel="step", ylabel=name, yscale="log", title=name)
+        if recommended is not None:
+            ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------
+
+PLOTS = {
+    "pareto.png": "Validation loss against the risk bound. Blue: the Pareto front over the study's objectives; "
+    "star: the recommended trial; green band: the rule's tolerance on validation loss.",
+    "decomposition.png": "The risk bound of each trial split into its terms; beyond the dashed line B it is vacuous "
+    "(it still ranks trials). L̂ is an estimate, so the bound is not a certificate.",
+    "trajectories.png": "Both SGD trajectories of selected trials (empirical on S, reference on H, same noise), "
+    "projected on their two principal axes; their distance drives the bound.",
+    "learning_curves.png": "Validation loss and minibatch training loss over the steps, all finished trials.",
+}
+
+
+def write_report(
+    ranking: Ranking, cfg: StudyConfig, tracker: Tracker, out: Path, log_to_mlflow: bool = True
+) -> Path:
+    """Write the plots and ``index.html`` to ``out`` (replaced whole), log them to the study's
+    parent run under ``report/``, and return the page's path. Everything is read first, so a
+    failure leaves ``out`` as it was."""
+    records = read_records(ranking, tracker)
+    corr = correlations(records.metrics)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        folder = Path(tmp)
+        heatmaps = _draw(ranking, records, folder)
+        page = _page(ranking, cfg, records, corr, heatmaps)
+        (folder / "index.html").write_text(page, encoding="utf-8")
+        (folder / "ranking.md").write_text(markdown_table(ranking.table) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(folder, out)
+    if log_to_mlflow:
+        _log(ranking, tracker, out)
+    return out / "index.html"
+
+
+def _draw(ranking: Ranking, records: StudyRecords, folder: Path) -> dict[str, str]:
+    metrics = records.metrics
+    plot_pareto(ranking, metrics, folder / "pareto.png")
+    heatmaps = {}
+    for column, (stem, title) in HEATMAPS.items():
+        if column in metrics and metrics[column].notna().any():
+            name = f"heatmap_{stem}.png"
+            plot_heatmap(metrics, column, title, folder / name)
+            heatmaps[name] = f"{title} over learning rate × batch size."
+    plot_decomposition(metrics, ranking.recommended, folder / "decomposition.png")
+    plot_trajectories(records, folder / "trajectories.png")
+    plot_learning_curves(records, ranking.recommended, folder / "learning_curves.png")
+    return heatmaps
+
+
+def _page(
+    ranking: Ranking, cfg: StudyConfig, records: StudyRecords, corr: pd.DataFrame, heatmaps: dict[str, str]
+) -> str:
+    metrics = records.metrics
+    n_close = _candidates(ranking)
+    main = corr[corr["measure"] == "bound/risk_bound"].iloc[0]
+    figures = {
+        "pareto.png": PLOTS["pareto.png"],
+        **heatmaps,
+        **{k: v for k, v in PLOTS.items() if k != "pareto.png"},
+    }
+    fig_html = "\n".join(
+        f'<figure><img src="{name}" alt="{name}"><figcaption>{html.escape(text)}</figcaption></figure>'
+        for name, text in figures.items()
+    )
+    table = ranking.table.assign(recommended=np.where(ranking.table["recommended"], "★", ""))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>hsgd-tune report: {html.escape(ranking.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} img{{max-width:100%}}
+table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head>
+<body>
+<h1>Study {html.escape(ranking.name)}</h1>
+<p>{len(metrics)} finished trials of {len(ranking.table)}; objectives: {html.escape(", ".join(cfg.objectives))};
+data: {html.escape(cfg.data.source)} (n_train = {cfg.data.n_train}); δ = {cfg.bound.delta}, B = {cfg.bound.loss_clip}.</p>
+<h2>Answer</h2>
+<p><b>{html.escape(ranking.summary())}</b></p>
+<p>How sure: {n_close} trial(s) met the tolerance on {html.escape(ranking.rule.within)}, so the bound chose among
+{n_close}. Across the study, the risk bound orders trials like the observed gap (val loss − train loss) with
+Kendall's τ = {main["tau"]:.3f} and granulated Kendall Ψ = {main["Psi"]:.3f}
+({", ".join(f"ψ_{c[4:]} = {main[c]:.3f}" for c in corr.columns if c.startswith("psi_"))}).
+τ near 1 means the bound ranks like the gap; a small ψ for one hyperparameter means the bound does not track
+the gap when only that hyperparameter changes. The risk bound rests on an estimated Lipschitz constant: it is
+a ranking signal, not a certificate.</p>
+<h2>Does the bound rank trials like the gap?</h2>
+{corr.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")}
+<p>Granulated Kendall groups trials that share the other hyperparameter; learning rates are put in
+{MAX_LR_BINS} log-scale bins first when they were sampled on a continuous scale. <code>lr/b</code> and
+<code>val/loss</code> are baselines (val/loss is part of the gap itself).</p>
+<h2>Plots</h2>
+{fig_html}
+<h2>All trials, ranked</h2>
+{table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")}
+<p>Rule: {html.escape(rule_text(ranking.rule))}.</p>
+</body></html>
+"""
+
+
+def _candidates(ranking: Ranking) -> int:
+    table = ranking.table[ranking.table["state"] == "COMPLETE"]
+    values = table[ranking.rule.within]
+    best = values.min()
+    return int((values <= best + ranking.rule.tolerance * abs(best)).sum())
+
+
+def _log(ranking: Ranking, tracker: Tracker, out: Path) -> None:
+    """Log the report to the study's parent run (found through any trial's run)."""
+    run_id = next(
+        (
+            t.user_attrs["mlflow_run_id"]
+            for t in ranking.study.get_trials(deepcopy=False)
+            if "mlflow_run_id" in t.user_attrs
+        ),
+        None,
+    )
+    experiment_id = tracker.client.get_run(run_id).info.experiment_id
+    parent = tracker.parent_run_id(experiment_id, ranking.name)
+    if parent is not None:
+        tracker.client.log_artifacts(parent, str(out), artifact_path="report")
+
+
+__all__ = ["correlations", "log_bins", "pca_2d", "write_report", "METRIC_ATTRS"]

@@ -1,0 +1,119 @@
+"""``hsgd-tune ui``: the MLflow UI (and optuna-dashboard, if installed) on a study's stores.
+
+Both listen on 127.0.0.1 only: the stores hold everything about the study, and neither UI has a login.
+The servers run in their own process groups, so stopping ``hsgd-tune ui`` (Ctrl-C or SIGTERM) stops
+them and every worker they started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from hsgd_tune.config import load_study
+from hsgd_tune.errors import ConfigError, HsgdError
+from hsgd_tune.ranking import stored_config
+from hsgd_tune.study import DEFAULT_JOURNAL, find_study, open_storage, storage_description
+from hsgd_tune.tracking import Tracker
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 90.0
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def mlflow_command(tracking_uri: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", HOST, "--port", str(port)]
+
+
+def dashboard_command(storage: str | None, port: int) -> list[str] | None:
+    """optuna-dashboard on the study's storage, or None when it is not installed."""
+    exe = shutil.which("optuna-dashboard")
+    if exe is None:
+        return None
+    return [exe, storage or str(DEFAULT_JOURNAL), "--host", HOST, "--port", str(port)]
+
+
+def serve(ref: str, storage: str | None, port: int, dashboard_port: int) -> int:
+    """Start the UIs, print their URLs, and wait until interrupted."""
+    cfg = None
+    if Path(ref).suffix == ".toml" or Path(ref).is_file():
+        cfg = load_study(ref)
+        ref, storage = cfg.name, storage or cfg.run.storage
+    study = find_study(open_storage(storage), ref)
+    if study is None:
+        raise HsgdError(f"no study named {ref!r} in {storage_description(storage)}")
+    cfg = cfg or stored_config(study)
+    tracker = Tracker()
+    experiment = tracker.experiment_id(cfg.experiment_name, create=False)
+    suffix = f"/#/experiments/{experiment}" if experiment else ""
+    if tracker.uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: {tracker.uri}{suffix} (the tracking server already serves it)")
+        return 0
+    commands = {"MLflow UI": (mlflow_command(tracker.uri, port), port, "/health", suffix)}
+    dashboard = dashboard_command(storage, dashboard_port)
+    if dashboard is not None:
+        commands["optuna-dashboard"] = (dashboard, dashboard_port, "/", "")
+    for what, (_, p, _, _) in commands.items():
+        if not 0 < p < 65536 or not port_is_free(p):
+            raise ConfigError("--port" if what == "MLflow UI" else "--dashboard-port", f"must be a free port on {HOST}", p)
+    signal.signal(signal.SIGTERM, _interrupt)
+    processes = []
+    try:
+        for what, (cmd, p, probe, path) in commands.items():
+            proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            processes.append(proc)
+            wait_until_up(proc, f"http://{HOST}:{p}{probe}", what)
+            print(f"{what}: http://{HOST}:{p}{path}", flush=True)
+        print("Ctrl-C to stop.", flush=True)
+        processes[0].wait()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in processes:
+            stop(proc)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, what: str) -> None:
+    """Poll ``url`` until it answers; a server that exits first is an error with its last line."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            lines = (proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()
+            raise HsgdError(f"{what} exited with code {proc.returncode}: {lines[-1] if lines else 'no output'}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise HsgdError(f"{what} did not answer at {url} within {START_TIMEOUT_S:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server and the workers it started (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

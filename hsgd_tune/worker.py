@@ -1,0 +1,418 @@
+"""Workers: any number of processes, on one machine or many, share one study.
+
+What makes that safe (issue #5):
+
+- **A study-wide budget, exact.** A worker takes a trial slot only while holding the study lock and
+  only when finished + running trials leave one free; otherwise it waits, because a running trial
+  may still die and need a re-run. So the study ends with exactly ``n_trials`` finished trials, and
+  a worker never starts a trial that would not count.
+- **Dead workers.** On PostgreSQL every running trial sends Optuna heartbeats; a trial whose heartbeat
+  stops is failed by the next worker that looks and queued once more with the same parameters
+  (``RetryHeartbeatStaleTrialCallback``). On a journal file (no heartbeats) the same happens by pid, for
+  workers on this host. Either way the dead trial's MLflow run is marked FAILED.
+- **One parent run.** The MLflow experiment and the study's parent run are looked up or created under
+  the same lock, and the parent's id is kept in the study's user attributes.
+
+The study lock is a PostgreSQL transaction-level advisory lock (released by the server when its
+holder dies) or an ``flock`` on a file next to the journal (released by the kernel when its holder
+dies). Other databases get no cross-process lock, so workers refuse them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from hsgd_tune.errors import ConfigError, DivergedError, StorageError
+from hsgd_tune.study import DEFAULT_JOURNAL, counts_towards_budget, fail_orphaned_trials
+from hsgd_tune.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker
+
+#: Seconds between a running trial's heartbeats on PostgreSQL; a trial is stale after 3 missed.
+HEARTBEAT_S = 10
+#: A trial whose worker died is queued again at most this often (a trial that kills every worker
+#: that runs it, e.g. by running out of memory, must not loop forever).
+MAX_RETRY = 2
+#: How often a worker with no free slot looks again (someone else's last trial may die).
+POLL_S = 1.0
+#: Where the study's MLflow parent run id is kept (Optuna study user attribute).
+PARENT_ATTR = "mlflow_parent_run_id"
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerOptions:
+    """How one worker process runs (nothing here changes trial results)."""
+
+    heartbeat: int = HEARTBEAT_S
+    stop: threading.Event = field(default_factory=threading.Event)  # set: no new trial starts
+    lines: bool = False  # one log line per trial (for workers whose output goes to a file)
+
+
+# -- storage ----------------------------------------------------------------------------------
+
+
+def database_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; the ``postgres`` extra installs
+    psycopg2, so use that driver unless psycopg 3 is there."""
+    bare = url.startswith("postgresql://")
+    if bare and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
+def is_postgres(url: str | None) -> bool:
+    return bool(url) and url.split("://")[0].split("+")[0] == "postgresql"
+
+
+def open_database(url: str, heartbeat: int = HEARTBEAT_S) -> RDBStorage:
+    """An Optuna database storage with heartbeats and one retry per dead trial.
+
+    Several workers may open a fresh PostgreSQL database at once; Optuna then creates its tables
+    concurrently and one of them fails, so that step runs under an advisory lock.
+    """
+    url = database_url(url)
+    kwargs = {}
+    if is_postgres(url):
+        # An unreachable host should fail in seconds, not after the TCP timeout.
+        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with _init_lock(url):
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat,
+                grace_period=3 * heartbeat,
+                heartbeat_stale_trial_callback=retry_callback(),
+                **kwargs,
+            )
+
+
+def retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    """Queue a dead worker's trial once more, with the same parameters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+
+@contextlib.contextmanager
+def _init_lock(url: str) -> Iterator[None]:
+    if not is_postgres(url):
+        yield
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key("init")})
+            yield
+    finally:
+        engine.dispose()
+
+
+def check_shareable(url: str | None) -> None:
+    """Workers need a store with a cross-process lock: PostgreSQL, or a journal file (one host)."""
+    if url is not None and "://" in url and not is_postgres(url):
+        raise ConfigError(
+            "--storage",
+            "must be a postgresql:// URL or a journal file path for several workers "
+            "(other databases have no cross-process lock; never SQLite across processes)",
+            url,
+        )
+
+
+# -- the study lock ---------------------------------------------------------------------------
+
+
+def _lock_key(name: str) -> int:
+    """A signed 64-bit advisory-lock key from a name."""
+    return int.from_bytes(hashlib.sha256(f"hsgd_tune:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+class StudyLock:
+    """Serialises, across worker processes, the few steps that must not interleave: creating the
+    study and its parent run, failing dead trials, and taking a trial slot."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, url: str | None, study_name: str):
+        self.storage, self.study_name = storage, study_name
+        self.local = threading.Lock()
+        self.path = None
+        if isinstance(storage, JournalStorage):
+            journal = Path(url) if url else DEFAULT_JOURNAL
+            self.path = journal.with_name(journal.name + ".hsgd-lock")
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.local:
+            if isinstance(self.storage, RDBStorage) and is_postgres(str(self.storage.engine.url)):
+                import sqlalchemy
+
+                with self.storage.engine.begin() as conn:  # the lock ends with this transaction
+                    key = _lock_key(f"study:{self.study_name}")
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+                    yield
+            elif self.path is not None:
+                with open(self.path, "a") as handle:
+                    fcntl.flock(handle, fcntl.LOCK_EX)  # released on close, or by the kernel on death
+                    yield
+            else:
+                yield
+
+
+# -- dead workers -----------------------------------------------------------------------------
+
+
+def reap(study: optuna.Study, tracker: Tracker, experiment_id: str) -> None:
+    """Fail the trials whose worker is gone, queue each once more, and fail their MLflow runs.
+
+    Call under the study lock, so that two workers never fail and re-queue the same trial.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # PostgreSQL: heartbeats; re-queues via the callback
+    retry = retry_callback()
+    for trial in fail_orphaned_trials(study):  # journal: pid on this host
+        retry(study, study._storage.get_trial(trial._trial_id))
+    fail_dead_runs(study, tracker, experiment_id)
+
+
+def fail_dead_runs(study: optuna.Study, tracker: Tracker, experiment_id: str) -> int:
+    """Mirror the Optuna state onto every trial run still RUNNING whose trial is not."""
+    runs = tracker.client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'trial' "
+            f"and tags.`{STUDY_TAG}` = '{study.study_name}'"
+        ),
+        max_results=1000,
+    )
+    if not runs:
+        return 0
+    states = {t.number: t for t in study.get_trials(deepcopy=False)}
+    fixed = 0
+    for run in runs:
+        trial = states.get(int(run.data.tags[TRIAL_TAG]))
+        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        reason = trial.user_attrs.get("fail_reason", "its worker died before the trial ended; re-run")
+        tracker.finish_trial(run.info.run_id, trial.state.name, tags={"hsgd.fail_reason": reason})
+        fixed += 1
+    return fixed
+
+
+# -- the budget -------------------------------------------------------------------------------
+
+
+def free_slots(study: optuna.Study, budget: int) -> tuple[int, int]:
+    """(finished trials that count, slots free for a new or queued trial)."""
+    trials = study.get_trials(deepcopy=False)
+    done = sum(counts_towards_budget(t) for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    return done, budget - done - running
+
+
+def run_trials(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], tuple[float, ...]],
+    budget: int,
+    lock: StudyLock,
+    tracker: Tracker,
+    experiment_id: str,
+    options: WorkerOptions,
+    timeout: float | None = None,
+    on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> int:
+    """Run trials until the study has ``budget`` finished ones (or timeout, or stop); return how
+    many this worker ran. A worker without a free slot waits rather than leaves: another worker's
+    last trial may still die, and then this one re-runs it."""
+    started, ran = time.monotonic(), 0
+    while not options.stop.is_set():
+        if timeout is not None and time.monotonic() - started > timeout:
+            break
+        with lock():
+            reap(study, tracker, experiment_id)
+            done, free = free_slots(study, budget)
+            # ask() takes a queued (re-run) trial first; inside the lock, so slots are never oversold.
+            trial = _ask(study) if done < budget and free > 0 else None
+        if done >= budget:
+            break
+        if trial is None:
+            options.stop.wait(POLL_S)
+            continue
+        frozen = run_one(study, trial, objective, tracker, options.heartbeat)
+        ran += 1
+        if on_trial is not None:
+            on_trial(study, frozen)
+    return ran
+
+
+def _ask(study: optuna.Study) -> optuna.Trial:
+    with warnings.catch_warnings():
+        # Optuna expects heartbeats only under Study.optimize; run_one sends them itself.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+        return study.ask()
+
+
+def run_one(study, trial: optuna.Trial, objective, tracker: Tracker, interval: int) -> FrozenTrial:
+    """Run one asked trial with heartbeats and tell Optuna how it ended."""
+    try:
+        with heartbeat(study._storage, trial._trial_id, interval):
+            values = objective(trial)
+    except optuna.TrialPruned:
+        return _tell(study, trial, tracker, state=TrialState.PRUNED)
+    except DivergedError:  # counts: the objective recorded its fail_reason
+        return _tell(study, trial, tracker, state=TrialState.FAIL)
+    except BaseException:  # interrupted or a bug: fail it (it will be re-run) and stop
+        _tell(study, trial, tracker, state=TrialState.FAIL)
+        raise
+    return _tell(study, trial, tracker, values=values)
+
+
+def _tell(study, trial, tracker: Tracker, values=None, state=None) -> FrozenTrial:
+    """``study.tell``, except when another worker already failed this trial as stale (its heartbeat
+    was late): then our MLflow run must not stay FINISHED next to a failed trial."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+        frozen = study.tell(trial, values, state=state, skip_if_finished=True)
+    intended = state or TrialState.COMPLETE
+    run_id = frozen.user_attrs.get("mlflow_run_id")
+    if frozen.state != intended and run_id is not None:
+        reason = "its heartbeat was late, so another worker failed it and re-ran it"
+        tracker.finish_trial(run_id, frozen.state.name, tags={"hsgd.fail_reason": reason})
+    return frozen
+
+
+@contextlib.contextmanager
+def heartbeat(storage, trial_id: int, interval: int) -> Iterator[None]:
+    """Record the trial's heartbeat every ``interval`` s while it runs (storages that have them)."""
+    if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
+        yield
+        return
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.is_set():
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # a database blip: try again; a long outage makes it stale
+                _log.warning("heartbeat of trial id %s failed: %s", trial_id, exc)
+            done.wait(interval)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+# -- the parent run ---------------------------------------------------------------------------
+
+
+def open_parent_once(study: optuna.Study, tracker: Tracker, experiment_id: str, params, tags) -> str:
+    """The study's parent run, created by exactly one worker. Call under the study lock: the
+    search-then-create in :meth:`Tracker.open_parent` is then race-free."""
+    parent_id = tracker.open_parent(experiment_id, study.study_name, params=params, tags=tags)
+    if study.user_attrs.get(PARENT_ATTR) != parent_id:
+        study.set_user_attr(PARENT_ATTR, parent_id)
+    return parent_id
+
+
+def close_parent(
+    study: optuna.Study, tracker: Tracker, parent_id: str, metrics, budget: int, interrupted: bool
+):
+    """Log the study's metrics; end the parent run unless other workers are still at it."""
+    done, _ = free_slots(study, budget)
+    still_running = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+    if done >= budget:
+        tracker.close_parent(parent_id, metrics, status="FINISHED")
+    elif still_running:
+        tracker.log(parent_id, metrics=metrics)  # another worker ends it
+    else:
+        tracker.close_parent(parent_id, metrics, status="KILLED" if interrupted else "FINISHED")
+
+
+def check_tracking(uri: str) -> None:
+    """A tracking server that is down fails here, in seconds and in one line (MLflow's client would
+    retry for minutes, and only after the study had been created)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+            response.read()
+    except Exception as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StorageError(
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {reason}"
+        ) from None
+
+
+def trial_line_printer(cfg, study: optuna.Study) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """One line per finished trial, naming this worker: several workers' output stays readable."""
+    from hsgd_tune.runner import describe_trial  # runner imports this module
+
+    who = f"{socket.gethostname()}:{os.getpid()}"
+
+    def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        done, _ = free_slots(study, cfg.run.n_trials)
+        line = describe_trial(trial, cfg.objectives)
+        print(f"[{who}] {line}  ({done}/{cfg.run.n_trials} finished)", flush=True)
+
+    return on_trial
+
+
+# -- signals and threads ----------------------------------------------------------------------
+
+
+class GracefulStop:
+    """First SIGINT or SIGTERM: let the running trial finish, then exit. Second: stop now (the
+    running trial is failed, its run marked FAILED, and another worker re-runs it)."""
+
+    def __init__(self, event: threading.Event):
+        self.event, self.signum = event, None
+
+    def install(self) -> GracefulStop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(
+            f"hsgd-tune: {name}: finishing the running trial, then stopping ({name} again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def set_threads(threads: int | None) -> None:
+    """Torch threads per worker: K workers on C cores should not each spawn C threads."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
