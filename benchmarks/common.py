@@ -56,6 +56,11 @@ class Budget:
     record_every: int
     seeds: int
     n_test_synthetic: int
+    #: Compute the PAC-Bayes certificate and the tail index too (package defaults). They cost several
+    #: times the training itself, so the selection benchmark, which needs only the risk bound, and the
+    #: quick modes leave them off. The analytic (Gronwall) bounds are always off here: vacuous for
+    #: runs this long (DESIGN.md §2) and a few seconds each.
+    extras: bool = False
 
 
 def study_config(dataset: str, seed: int, budget: Budget, n_trials: int) -> StudyConfig:
@@ -72,6 +77,8 @@ def study_config(dataset: str, seed: int, budget: Budget, n_trials: int) -> Stud
         "search": {"learning_rate": {"low": 1e-4, "high": 10.0}, "batch_size": {"low": 1, "high": 500}},
         "training": {"steps": budget.steps, "record_every": budget.record_every},
         "bound": {"max_trials": n_trials},
+        "certificate": {"enabled": budget.extras},
+        "diagnostics": {"tail_index": budget.extras, "analytic": False},
         "run": {"n_trials": n_trials},
     }
     return parse_study(raw, Path.cwd())

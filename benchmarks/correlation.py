@@ -10,13 +10,15 @@ between each measure and the observed gap, for two gaps of the S-model:
 τ and Ψ are computed within each seed (a seed is a separate study: its own splits, initialisation and
 minibatches) and reported as mean ± standard deviation over seeds. Diverged trials are dropped.
 
-    python -m benchmarks.correlation            # full: 6 × 4 grid, 5 seeds, 1000 steps
-    python -m benchmarks.correlation --quick    # 6 × 4 grid, 2 seeds, 300 steps
+    python -m benchmarks.correlation            # full: 6 × 4 grid, 3 seeds, 1000 steps, + certificate, α̂
+    python -m benchmarks.correlation --quick    # 6 × 4 grid, 2 seeds, 300 steps, bound and baselines only
+    python -m benchmarks.correlation --no-extras --seeds 5   # full length, without certificate and α̂
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import numpy as np
@@ -35,7 +37,7 @@ from benchmarks.common import (
 )
 from hsgd_tune.correlation import granulated_kendall, kendall_tau
 
-FULL = Budget(steps=1000, record_every=25, seeds=5, n_test_synthetic=20000)
+FULL = Budget(steps=1000, record_every=25, seeds=3, n_test_synthetic=20000, extras=True)
 QUICK = Budget(steps=300, record_every=25, seeds=2, n_test_synthetic=5000)
 
 #: Measures from the bound engine, in the order of the table; ``certificate/…`` and ``tail/…``
@@ -54,7 +56,16 @@ HPARAMS = ["learning_rate", "batch_size"]
 
 
 def measure_columns(trials: pd.DataFrame) -> list[str]:
-    extras = sorted(c for c in trials.columns if c.startswith(EXTRA_PREFIXES))
+    """Bound terms, then every extra metric that varies across trials, then the baselines.
+
+    Extras that are the same for every trial (settings such as ``certificate/mc_samples``) and the
+    per-checkpoint tail indices (``tail/alpha_step_…``; ``tail/alpha`` is their median) are left out.
+    """
+    extras = sorted(
+        c
+        for c in trials.columns
+        if c.startswith(EXTRA_PREFIXES) and "_step_" not in c and trials[c].nunique(dropna=True) > 1
+    )
     return [*BOUND_MEASURES, *extras, *BASELINES]
 
 
@@ -120,28 +131,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, 300 steps: a few minutes")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 5, or 2 with --quick)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 3, or 2 with --quick)")
+    parser.add_argument("--no-extras", action="store_true", help="skip the PAC-Bayes certificate and α̂")
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else FULL
+    if args.no_extras:
+        budget = dataclasses.replace(budget, extras=False)
     n_seeds = args.seeds or budget.seeds
     use_one_thread()
     clock = Clock()
+    suffix = "-quick" if args.quick else "" if budget.extras else "-no-extras"
     sections = []
     for dataset in args.datasets:
         trials = pd.concat([grid(dataset, s, budget) for s in range(n_seeds)], ignore_index=True)
         ok = trials[~trials.diverged].copy()
         per_seed = scores(ok)
-        name = f"correlation-{dataset}{'-quick' if args.quick else ''}"
+        name = f"correlation-{dataset}{suffix}"
         RESULTS.mkdir(exist_ok=True)
         trials.drop(columns="val_losses").to_csv(RESULTS / f"{name}-trials.csv", index=False)
         per_seed.to_csv(RESULTS / f"{name}-per-seed.csv", index=False)
         sections.append(
-            f"**{dataset}** ({n_seeds} seeds, {budget.steps} steps, record every {budget.record_every}): "
+            f"**{dataset}** ({n_seeds} seeds, {budget.steps} steps, record every {budget.record_every}"
+            f"{', with certificate and α̂' if budget.extras else ''}): "
             f"{trial_overview(trials)}\n\n{markdown(summary(per_seed))}\n"
         )
     command = "python -m benchmarks.correlation " + " ".join(sys.argv[1:] if argv is None else argv)
     text = header("Correlation", command.strip(), clock.seconds()) + "\n" + "\n".join(sections)
-    (RESULTS / f"correlation{'-quick' if args.quick else ''}.md").write_text(text)
+    (RESULTS / f"correlation{suffix}.md").write_text(text)
     print(text)
     return 0
 

@@ -117,8 +117,8 @@ class CertificateConfig:
 
     enabled: bool = True
     posterior: str = "layer"  # learned variances per "layer" or per "weight", or "isotropic"
-    steps: int = 400  # optimisation steps of the posterior
-    mc_samples: int = 500  # Monte-Carlo draws m for the certified empirical error
+    steps: int = 300  # optimisation steps of the posterior
+    mc_draws: int = 5  # independent weight draws per example of S for the certified empirical error
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ class DiagnosticsConfig:
     analytic: bool = True
     checkpoints: int = 3  # recorded iterates where α̂ and M̂ are measured
     noise_draws: int = 64  # minibatch gradients per checkpoint for α̂
+    fractal: bool = False  # complexity from the covering numbers / dimension of the reference trajectory
 
 
 @dataclass(frozen=True)
@@ -456,8 +457,8 @@ def _read_certificate(t: _Table) -> CertificateConfig:
     cfg = CertificateConfig(
         enabled=t.get("enabled", "bool", True),
         posterior=_one_of(t, "posterior", POSTERIOR_KINDS, "layer"),
-        steps=t.get("steps", "int", 400),
-        mc_samples=_positive(t, "mc_samples", "int", 500),
+        steps=t.get("steps", "int", 300),
+        mc_draws=_positive(t, "mc_draws", "int", 5),
     )
     if cfg.steps < 0:
         raise ConfigError(t.key("steps"), "must be non-negative", cfg.steps)
@@ -471,6 +472,7 @@ def _read_diagnostics(t: _Table) -> DiagnosticsConfig:
         analytic=t.get("analytic", "bool", True),
         checkpoints=_positive(t, "checkpoints", "int", 3),
         noise_draws=_positive(t, "noise_draws", "int", 64),
+        fractal=t.get("fractal", "bool", False),
     )
     if cfg.noise_draws < 8:
         raise ConfigError(t.key("noise_draws"), "must be at least 8 (α̂ needs blocks)", cfg.noise_draws)

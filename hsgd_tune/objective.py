@@ -19,8 +19,9 @@ import optuna
 import torch
 
 from hsgd_tune.bound import TrajectoryBound, trajectory_bound
-from hsgd_tune.config import TRAINING_KNOBS, StudyConfig
+from hsgd_tune.config import NOISE_KNOBS, TRAINING_KNOBS, StudyConfig
 from hsgd_tune.data import Dataset
+from hsgd_tune.diagnostics import Measurements, measure
 from hsgd_tune.errors import DivergedError
 from hsgd_tune.models import ModelSpec, model_spec
 from hsgd_tune.sketch import sketch_assumptions
@@ -36,6 +37,7 @@ class TrialOutcome:
     spec: ModelSpec
     run: TwinRun
     bound: TrajectoryBound
+    measured: Measurements | None = None  # certificate/…, tail/…, analytic/… (diagnostics.py)
 
     def metrics(self) -> dict[str, float]:
         """Final metrics, every bound term and timings, namespaced (``val/loss``, ``bound/…``)."""
@@ -45,7 +47,17 @@ class TrialOutcome:
         if self.run.sketch_dim:
             epsilon, _ = sketch_assumptions(self.run.sketch_dim, self.bound.n_points)
             sizes |= {"bound/sketch_dim": self.run.sketch_dim, "bound/sketch_epsilon": epsilon}
-        return {**self.run.final, **self.bound.metrics(), **seconds, **sizes}
+        measured = {}
+        if self.measured is not None:
+            timings = {f"time/{k}_s": v for k, v in self.measured.seconds.items()}
+            measured = {**self.measured.metrics, **timings}
+        return {
+            **self.run.final,
+            **self.bound.metrics(),
+            **seconds,
+            **sizes,
+            **measured,
+        }
 
     def objective(self, name: str) -> float:
         return {
@@ -55,6 +67,9 @@ class TrialOutcome:
             "risk_bound": self.bound.risk_bound,
             "gap_bound": self.bound.gap_bound,
             "decoupling_distance": self.bound.decoupling_distance,
+            "certificate": self.measured.metrics.get("certificate/bound", math.nan)
+            if self.measured
+            else math.nan,
         }[name]
 
     def tags(self) -> dict[str, str]:
@@ -66,6 +81,9 @@ class TrialOutcome:
         outside = self.settings.outside_theory
         tags["hsgd.theory"] = "outside: " + ", ".join(outside) if outside else "plain SGD (inside)"
         tags["hsgd.vacuous.risk_bound"] = str(self.bound.risk_bound_vacuous).lower()
+        if self.measured is not None:
+            tags |= self.measured.tags
+            tags["hsgd.delta_split"] = "δ_t/2 for the trajectory bound, δ_t/2 for the certificate"
         return tags
 
 
@@ -81,6 +99,8 @@ def train_settings(cfg: StudyConfig, params: dict[str, Any]) -> TrainSettings:
         divergence_factor=cfg.training.divergence_factor,
         momentum=float(params.get("momentum", 0.0)),
         weight_decay=float(params.get("weight_decay", 0.0)),
+        noise_alpha=float(params.get("noise_alpha", cfg.training.noise.alpha)),
+        noise_sigma=float(params.get("noise_sigma", cfg.training.noise.sigma)),
         loss_clip=cfg.bound.loss_clip,
         lipschitz_subsample=cfg.bound.lipschitz_subsample,
         sketch_above=cfg.training.sketch_above,
@@ -92,7 +112,8 @@ def train_settings(cfg: StudyConfig, params: dict[str, Any]) -> TrainSettings:
 def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials: int) -> TrialOutcome:
     """Train both runs with ``params`` and compute the trajectory bound (DESIGN.md §2)."""
     settings = train_settings(cfg, params)
-    model_knobs = {k: v for k, v in params.items() if k not in ("learning_rate", "batch_size", *TRAINING_KNOBS)}
+    trainer_knobs = ("learning_rate", "batch_size", *TRAINING_KNOBS, *NOISE_KNOBS)
+    model_knobs = {k: v for k, v in params.items() if k not in trainer_knobs}
     spec = model_spec(cfg.model, data.n_features, data.n_outputs, model_knobs)
     run = train_twin(data, spec, settings)
     started = time.perf_counter()
@@ -103,11 +124,13 @@ def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials
         train_risk_clipped=run.final["train/loss_clipped"],
         n_train=len(data.train.y),
         loss_clip=cfg.bound.loss_clip,
-        delta=cfg.bound.delta,
+        # With the certificate on, δ_t is split in half between the two statements (union bound).
+        delta=cfg.bound.delta / 2 if cfg.certificate.enabled else cfg.bound.delta,
         max_trials=max_trials,
     )
     run.seconds["bound"] = time.perf_counter() - started
-    outcome = TrialOutcome(params, settings, spec, run, bound)
+    measured = measure(cfg, data, settings, run, bound, delta_certificate=cfg.bound.delta / max_trials / 2)
+    outcome = TrialOutcome(params, settings, spec, run, bound, measured)
     for name in cfg.objectives:
         if not math.isfinite(outcome.objective(name)):
             raise DivergedError(f"objective {name} is {outcome.objective(name)}", settings.steps)
@@ -129,16 +152,28 @@ def write_artifacts(outcome: TrialOutcome, folder: Path) -> None:
     model_dir.mkdir()
     torch.save(run.model.state_dict(), model_dir / "state_dict.pt")
     (model_dir / "spec.json").write_text(json.dumps(outcome.spec.to_dict(), indent=2))
-    (folder / "trial.json").write_text(json.dumps({"params": outcome.params, "metrics": outcome.metrics()}, indent=2))
+    (folder / "trial.json").write_text(
+        json.dumps({"params": outcome.params, "metrics": outcome.metrics()}, indent=2)
+    )
 
 
 class Objective:
     """The function Optuna calls: one trial, logged to its own MLflow child run."""
 
-    def __init__(self, cfg: StudyConfig, data: Dataset, tracker: Tracker, experiment_id: str, parent_id: str, max_trials: int):
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        data: Dataset,
+        tracker: Tracker,
+        experiment_id: str,
+        parent_id: str,
+        max_trials: int,
+    ):
         self.cfg, self.data, self.tracker = cfg, data, tracker
         self.experiment_id, self.parent_id, self.max_trials = experiment_id, parent_id, max_trials
-        self.fixed_params = {f"config.{k}": v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")}
+        self.fixed_params = {
+            f"config.{k}": v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")
+        }
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         params = sample_params(trial, self.cfg)
@@ -154,7 +189,9 @@ class Objective:
             self.tracker.finish_trial(run_id, "FAIL", tags={"hsgd.fail_reason": str(exc)})
             raise
         except BaseException as exc:  # interrupted or a bug: the run must not stay RUNNING
-            self.tracker.finish_trial(run_id, "FAIL", tags={"hsgd.fail_reason": f"{type(exc).__name__}: {exc}"[:500]})
+            self.tracker.finish_trial(
+                run_id, "FAIL", tags={"hsgd.fail_reason": f"{type(exc).__name__}: {exc}"[:500]}
+            )
             raise
         self._log(trial, run_id, outcome)
         return tuple(outcome.objective(name) for name in self.cfg.objectives)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +116,15 @@ def register_model(tracker: Tracker, run_id: str, name: str, alias: str, study: 
         signature = infer_signature(example.numpy(), model(example).numpy())
     mlflow.set_tracking_uri(tracker.uri)
     # Reopening the finished trial run links the logged model to it; closing it sets FINISHED again.
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # Pickle, not MLflow's new default 'pt2': a pt2 export fixes the batch size to the example's
+        # (a served model would then refuse other batch sizes). MLflow warns that pickle is legacy.
+        warnings.simplefilter("ignore", FutureWarning)
         info = mlflow.pytorch.log_model(
             model,
             name="registered_model",
             signature=signature,
+            serialization_format="pickle",
             registered_model_name=name,
             # Pinned, so MLflow need not load the model in a subprocess to infer requirements.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],

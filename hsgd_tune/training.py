@@ -75,6 +75,7 @@ class TwinRun:
     seconds: dict[str, float] = field(default_factory=dict)
     n_parameters: int = 0  # p, the model's parameter count
     sketch_dim: int = 0  # k when ``trajectories`` are JL sketches (2, N, k) of the iterates, else 0
+    last_iterates: np.ndarray | None = None  # (2, p) the final weights of both runs, never sketched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +261,7 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
         seconds=seconds,
         n_parameters=store.n_parameters,
         sketch_dim=store.sketch.dim if store.sketch is not None else 0,
+        last_iterates=store.latest,
     )
 
 

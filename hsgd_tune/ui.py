@@ -37,7 +37,11 @@ def port_is_free(port: int) -> bool:
 
 
 def mlflow_command(tracking_uri: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", HOST, "--port", str(port)]
+    # One worker: a local UI has one user, and MLflow's default of 4 is heavy on a laptop.
+    return [
+        *(sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri),
+        *("--host", HOST, "--port", str(port), "--workers", "1"),
+    ]
 
 
 def dashboard_command(storage: str | None, port: int) -> list[str] | None:
@@ -70,12 +74,16 @@ def serve(ref: str, storage: str | None, port: int, dashboard_port: int) -> int:
         commands["optuna-dashboard"] = (dashboard, dashboard_port, "/", "")
     for what, (_, p, _, _) in commands.items():
         if not 0 < p < 65536 or not port_is_free(p):
-            raise ConfigError("--port" if what == "MLflow UI" else "--dashboard-port", f"must be a free port on {HOST}", p)
+            raise ConfigError(
+                "--port" if what == "MLflow UI" else "--dashboard-port", f"must be a free port on {HOST}", p
+            )
     signal.signal(signal.SIGTERM, _interrupt)
     processes = []
     try:
         for what, (cmd, p, probe, path) in commands.items():
-            proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
             processes.append(proc)
             wait_until_up(proc, f"http://{HOST}:{p}{probe}", what)
             print(f"{what}: http://{HOST}:{p}{path}", flush=True)
@@ -99,7 +107,9 @@ def wait_until_up(proc: subprocess.Popen, url: str, what: str) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             lines = (proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()
-            raise HsgdError(f"{what} exited with code {proc.returncode}: {lines[-1] if lines else 'no output'}")
+            raise HsgdError(
+                f"{what} exited with code {proc.returncode}: {lines[-1] if lines else 'no output'}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return

@@ -42,7 +42,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.trial import FrozenTrial, TrialState
 
 from hsgd_tune.errors import ConfigError, DivergedError, StorageError
-from hsgd_tune.study import DEFAULT_JOURNAL, counts_towards_budget, fail_orphaned_trials
+from hsgd_tune.study import DEFAULT_JOURNAL, counts_towards_budget, fail_orphaned_trials, worker_identity
 from hsgd_tune.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker
 
 #: Seconds between a running trial's heartbeats on PostgreSQL; a trial is stale after 3 missed.
@@ -254,6 +254,10 @@ def run_trials(
             done, free = free_slots(study, budget)
             # ask() takes a queued (re-run) trial first; inside the lock, so slots are never oversold.
             trial = _ask(study) if done < budget and free > 0 else None
+            if trial is not None:
+                # Claim it before the lock opens: a re-run carries its dead worker's pid in the
+                # user attrs it copied, and the journal reaper would fail it again.
+                trial.set_user_attr("worker", worker_identity())
         if done >= budget:
             break
         if trial is None:

@@ -341,13 +341,6 @@ def test_rank_of_a_missing_study_file_names_it(workdir, capsys):
     _assert_nothing_created(workdir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner.run_study creates the MLflow database and experiment (Tracker) before open_storage "
-    "fails: open_storage (and create_or_resume's checks) should come before any Tracker call; also "
-    "study.open_storage's RDBStorage path prints Optuna deprecation/experimental warnings "
-    "(RetryFailedTrialCallback, failed_trial_callback, heartbeat_interval) as extra stderr lines",
-)
 def test_unusable_storage_gives_one_line_and_creates_nothing(workdir, capsys):
     (workdir / "base.toml").write_text(_base(), encoding="utf-8")
     code = main(["run", "base.toml", "--quiet", "--storage", "nosuchdb://host/db"])

@@ -7,6 +7,7 @@ from hsgd_tune.bound.analytic import contractive_bound, gronwall_bound
 from hsgd_tune.bound.assemble import TrajectoryBound, trajectory_bound
 from hsgd_tune.bound.complexity import complexity_term, trial_delta
 from hsgd_tune.bound.distance import hausdorff_distance, synchronous_distance
+from hsgd_tune.bound.fractal import covering_complexity, fractal_complexity
 from hsgd_tune.bound.lipschitz import lipschitz_estimate
 from hsgd_tune.bound.pacbayes import (
     Certificate,
@@ -26,6 +27,8 @@ __all__ = [
     "binary_kl",
     "certificate",
     "contractive_bound",
+    "covering_complexity",
+    "fractal_complexity",
     "gaussian_kl",
     "geometric_grid",
     "gronwall_bound",

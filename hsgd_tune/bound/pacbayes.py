@@ -12,7 +12,10 @@ Ingredients, each a pure function below:
 * the posterior ``Q = N(μ_S, diag s²)`` may depend on S in any way (learned means and variances);
 * Maurer's PAC-Bayes-kl bound (Maurer 2004; Seeger 2002): ``kl(ê_Q ‖ e_Q) <= (KL(Q‖P) + ln(2√n/δ)) / n``
   for losses in [0, 1] and n >= 8;
-* ``ê_Q`` is estimated from m weight draws; Langford & Caruana (2001): ``kl(ê_Q^MC ‖ ê_Q) <= ln(2/δ')/m``.
+* ``ê_Q`` is estimated from m independent terms ``err(w_j, z_{i_j})``, ``w_j ~ Q``, whose mean is ê_Q
+  (one draw re-used on all of S, as Langford & Caruana 2001, or — tighter at equal cost — a fresh
+  draw for every (example, repeat) pair); Hoeffding (1963, Thm 1) in kl form:
+  ``kl(ê_Q^MC ‖ ê_Q) <= ln(2/δ')/m`` with probability ``>= 1 - δ'``.
 
 The δ bookkeeping (``certificate``): the trial's certificate share δ_c is split in half, δ_c/2 for the
 PAC-Bayes step (divided again over the λ grid) and δ_c/2 for the Monte-Carlo step.
@@ -165,11 +168,13 @@ def snap_to_grid(value: float, grid: np.ndarray) -> float:
 
 
 def mc_error_upper(mc_error: float, m: int, delta: float) -> float:
-    """Upper bound on ``ê_Q`` from m draws: ``kl^{-1}(ê_Q^MC, ln(2/δ)/m)`` (Langford & Caruana 2001).
+    """Upper bound on ``ê_Q`` from m terms: ``kl^{-1}(ê_Q^MC, ln(2/δ)/m)`` (Langford & Caruana 2001;
+    Hoeffding 1963, Thm 1, for independent terms in [0, 1] with mean ê_Q).
 
     Args:
-        mc_error: mean over m independent draws ``w_j ~ Q`` of the empirical error on S (in [0, 1]).
-        m: number of draws, >= 1.
+        mc_error: mean of m independent terms in [0, 1] whose expectations average to ê_Q: the errors on
+            S of m draws ``w_j ~ Q``, or the errors of n·r (example, fresh draw) pairs.
+        m: number of independent terms, >= 1.
         delta: failure probability of this step.
     """
     m = _checks.count("m", m)
@@ -200,8 +205,8 @@ def certificate(
     """Assemble the certificate: δ/2 to the Monte-Carlo step, δ/2 over the prior grid.
 
     Args:
-        mc_error: ê_Q^MC, mean error on S over ``mc_samples`` independent draws from Q.
-        mc_samples: m >= 1.
+        mc_error: ê_Q^MC, the mean of ``mc_samples`` independent error terms (see :func:`mc_error_upper`).
+        mc_samples: m >= 1, the number of independent terms.
         kl: KL(Q ‖ P) with P's variance ``prior_std²`` a point of a grid of ``grid_size`` points
             fixed before seeing S.
         n: |S| >= 8.

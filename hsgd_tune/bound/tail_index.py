@@ -7,7 +7,8 @@ multivariate α-stable distributions", Metrika 78: for i.i.d. symmetric α-stabl
 
     1/α̂ = (mean_i ln|Y_i| - mean_j ln|X_j|) / ln K1.
 
-Made robust here: samples are centred (their mean, which exists for α > 1, is subtracted), the estimate
+Made robust here: samples are centred on their median (the centre of a symmetric law, and unlike the
+sample mean not thrown off by one huge draw; skip it for noise centred by construction), the estimate
 is the median over several block sizes K1, and α̂ is clipped to (0, 2] (a Gaussian has α = 2; finite
 samples can overshoot). For (K, d) input — d coordinates of the noise with different scales — blocks are
 summed along the sample axis within each coordinate, so every coordinate's scale cancels in the
@@ -50,7 +51,7 @@ def tail_index_block(samples: np.ndarray, block: int) -> float:
     return float((_mean_log_abs(sums) - _mean_log_abs(kept)) / math.log(block))
 
 
-def tail_index(samples: np.ndarray, blocks: tuple[int, ...] = BLOCK_SIZES) -> float:
+def tail_index(samples: np.ndarray, blocks: tuple[int, ...] = BLOCK_SIZES, center: bool = True) -> float:
     """α̂ in (0, 2]: the median over block sizes of the centred block estimator, clipped.
 
     Args:
@@ -58,6 +59,9 @@ def tail_index(samples: np.ndarray, blocks: tuple[int, ...] = BLOCK_SIZES) -> fl
             full gradient, one row per minibatch).
         blocks: candidate block sizes K1; those leaving at least ``MIN_BLOCKS`` blocks are used (at least
             the smallest one).
+        center: subtract the per-coordinate median first. Pass False for noise whose mean is zero by
+            construction (a minibatch gradient minus the full gradient): a median shift of a skewed law
+            would be summed K1 times into every block.
 
     Returns:
         α̂ = 1 / max(median 1/α̂_{K1}, 1/2): 2 for Gaussian-looking noise, smaller for heavier tails.
@@ -65,7 +69,8 @@ def tail_index(samples: np.ndarray, blocks: tuple[int, ...] = BLOCK_SIZES) -> fl
     x = _checks.finite_array("samples", samples)
     if x.shape[0] < 4:
         raise ValueError(f"samples must hold at least 4 draws along axis 0, got {x.shape[0]}")
-    x = x - x.mean(axis=0)
+    if center:
+        x = x - np.median(x, axis=0)
     usable = [k for k in blocks if x.shape[0] // k >= MIN_BLOCKS] or [min(blocks)]
     inverse = float(np.median([tail_index_block(x, k) for k in usable]))
     return 1.0 / max(inverse, 0.5)

@@ -37,11 +37,24 @@ def test_bound_exports_its_public_api():
     from hsgd_tune import bound
 
     assert sorted(bound.__all__) == [
+        "Certificate",
         "TrajectoryBound",
+        "binary_kl",
+        "certificate",
         "complexity_term",
+        "contractive_bound",
+        "covering_complexity",
+        "fractal_complexity",
+        "gaussian_kl",
+        "geometric_grid",
+        "gronwall_bound",
         "hausdorff_distance",
+        "kl_inverse_upper",
         "lipschitz_estimate",
+        "mc_error_upper",
+        "pac_bayes_kl_bound",
         "synchronous_distance",
+        "tail_index",
         "trajectory_bound",
         "trial_delta",
     ]

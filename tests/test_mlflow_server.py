@@ -1,0 +1,106 @@
+"""Against real servers: a `mlflow server` on 127.0.0.1 with a temporary SQLite store sees the ranks
+and the registered champion through its REST API; `hsgd-tune ui` starts, answers and stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import optuna
+import pytest
+import requests
+from tiny_study import write_tiny_study
+
+from hsgd_tune.cli import main
+from hsgd_tune.config import load_study
+from hsgd_tune.runner import run_study
+from hsgd_tune.study import open_storage
+from hsgd_tune.tracking import Tracker
+from hsgd_tune.ui import stop, wait_until_up
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination", str(tmp_path / "server-artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until_up(proc, f"http://127.0.0.1:{port}/health", "mlflow server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def test_ranks_and_champion_are_visible_through_the_rest_api(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    path = write_tiny_study(tmp_path)
+    run_study(load_study(path), progress=False)
+    assert main(["rank", str(path)]) == 0
+    assert main(["pick", str(path), "--out", "champion.toml"]) == 0
+
+    api = f"{server}/api/2.0/mlflow"
+    experiment = requests.get(
+        f"{api}/experiments/get-by-name", params={"experiment_name": "hsgd-tiny"}, timeout=30
+    )
+    experiment_id = experiment.json()["experiment"]["experiment_id"]
+    found = requests.post(
+        f"{api}/runs/search",
+        json={"experiment_ids": [experiment_id], "filter": "tags.`hsgd.role` = 'trial'"},
+        timeout=30,
+    ).json()["runs"]
+    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in found}
+    study = optuna.load_study(study_name="tiny", storage=open_storage(None))
+    assert len(tags) == len(study.trials) == 5
+    front = {t.number for t in study.best_trials}
+    for trial in study.trials:
+        rank = tags[trial.user_attrs["mlflow_run_id"]]["hsgd.pareto_rank"]
+        assert (rank == "1") == (trial.number in front), (trial.number, rank)
+    recommended = [run_id for run_id, t in tags.items() if t["hsgd.recommended"] == "true"]
+    assert len(recommended) == 1
+
+    alias = requests.get(
+        f"{api}/registered-models/alias", params={"name": "hsgd-tiny", "alias": "champion"}, timeout=30
+    )
+    assert alias.status_code == 200, alias.text
+    assert alias.json()["model_version"]["run_id"] == recommended[0]
+
+
+def test_ui_serves_the_study_on_localhost_and_stops_on_ctrl_c(workdir):
+    optuna.create_study(study_name="tiny", storage=open_storage(None), directions=["minimize"])
+    Tracker().experiment_id("hsgd-tiny")
+    path = write_tiny_study(workdir)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hsgd_tune.cli", "ui", str(path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/"), line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+            assert answer.status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(OSError):  # the server went down with it
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
