@@ -112,7 +112,8 @@ def _study_args(parser: argparse.ArgumentParser, rule: bool = True) -> None:
             "--tolerance",
             type=float,
             metavar="F",
-            help="recommendation: how far (a fraction) from the best `within` value a trial may be (default: [rank] tolerance, 0.05)",
+            help="recommendation: how far, as a fraction of the best `within` value, a trial may be "
+            "(default: [rank] tolerance, 0.05)",
         )
         parser.add_argument(
             "--within",
@@ -122,7 +123,8 @@ def _study_args(parser: argparse.ArgumentParser, rule: bool = True) -> None:
         parser.add_argument(
             "--prefer",
             choices=OBJECTIVES,
-            help="recommendation: the metric minimised among those trials (default: [rank] prefer, risk_bound)",
+            help="recommendation: the metric minimised among those trials "
+            "(default: [rank] prefer, risk_bound)",
         )
 
 

@@ -129,7 +129,9 @@ def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials
         max_trials=max_trials,
     )
     run.seconds["bound"] = time.perf_counter() - started
+    started = time.perf_counter()
     measured = measure(cfg, data, settings, run, bound, delta_certificate=cfg.bound.delta / max_trials / 2)
+    run.seconds["diagnostics"] = time.perf_counter() - started
     outcome = TrialOutcome(params, settings, spec, run, bound, measured)
     for name in cfg.objectives:
         if not math.isfinite(outcome.objective(name)):

@@ -316,12 +316,12 @@ def _save(fig, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 PLOTS = {
-    "pareto.png": "Validation loss against the risk bound. Blue: the Pareto front over the study's objectives; "
-    "star: the recommended trial; green band: the rule's tolerance on validation loss.",
-    "decomposition.png": "The risk bound of each trial split into its terms; beyond the dashed line B it is vacuous "
-    "(it still ranks trials). L̂ is an estimate, so the bound is not a certificate.",
-    "trajectories.png": "Both SGD trajectories of selected trials (empirical on S, reference on H, same noise), "
-    "projected on their two principal axes; their distance drives the bound.",
+    "pareto.png": "Validation loss against the risk bound. Blue: the Pareto front over the study's "
+    "objectives; star: the recommended trial; green band: the rule's tolerance on validation loss.",
+    "decomposition.png": "The risk bound of each trial split into its terms; beyond the dashed line B "
+    "it is vacuous (it still ranks trials). L̂ is an estimate, so the bound is not a certificate.",
+    "trajectories.png": "Both SGD trajectories of selected trials (empirical on S, reference on H, "
+    "same noise), projected on their two principal axes; their distance drives the bound.",
     "learning_curves.png": "Validation loss and minibatch training loss over the steps, all finished trials.",
 }
 
@@ -386,12 +386,14 @@ def _page(
 table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head>
 <body>
 <h1>Study {html.escape(ranking.name)}</h1>
-<p>{len(metrics)} finished trials of {len(ranking.table)}; objectives: {html.escape(", ".join(cfg.objectives))};
-data: {html.escape(cfg.data.source)} (n_train = {cfg.data.n_train}); δ = {cfg.bound.delta}, B = {cfg.bound.loss_clip}.</p>
+<p>{len(metrics)} finished trials of {len(ranking.table)};
+objectives: {html.escape(", ".join(cfg.objectives))}; data: {html.escape(cfg.data.source)}
+(n_train = {cfg.data.n_train}); δ = {cfg.bound.delta}, B = {cfg.bound.loss_clip}.</p>
 <h2>Answer</h2>
 <p><b>{html.escape(ranking.summary())}</b></p>
-<p>How sure: {n_close} trial(s) met the tolerance on {html.escape(ranking.rule.within)}, so the bound chose among
-{n_close}. Across the study, the risk bound orders trials like the observed gap (val loss − train loss) with
+<p>How sure: {n_close} trial(s) met the tolerance on {html.escape(ranking.rule.within)},
+so the bound chose among {n_close}. Across the study, the risk bound orders trials like the observed
+gap (val loss − train loss) with
 Kendall's τ = {main["tau"]:.3f} and granulated Kendall Ψ = {main["Psi"]:.3f}
 ({", ".join(f"ψ_{c[4:]} = {main[c]:.3f}" for c in corr.columns if c.startswith("psi_"))}).
 τ near 1 means the bound ranks like the gap; a small ψ for one hyperparameter means the bound does not track

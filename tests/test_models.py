@@ -107,12 +107,20 @@ def test_entry_point_model(tmp_path, monkeypatch):
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    spec = ModelSpec(kind="entry_point", n_features=3, n_outputs=2, entry_point="models_test_user:net", kwargs=(("width", 5),))
+    spec = ModelSpec(
+        kind="entry_point",
+        n_features=3,
+        n_outputs=2,
+        entry_point="models_test_user:net",
+        kwargs=(("width", 5),),
+    )
     assert not spec.is_builtin
     model = build_model(spec)
     assert model(torch.zeros(2, 3)).shape == (2, 2)
     assert count_parameters(model) == 3 * 5 + 5 + 5 * 2 + 2
 
-    bad = ModelSpec(kind="entry_point", n_features=3, n_outputs=2, entry_point="models_test_user:not_a_module")
+    bad = ModelSpec(
+        kind="entry_point", n_features=3, n_outputs=2, entry_point="models_test_user:not_a_module"
+    )
     with pytest.raises(ConfigError, match="model.entry_point"):
         build_model(bad)

@@ -50,7 +50,9 @@ def _naive_ranks(values: np.ndarray) -> np.ndarray:
     finite = [i for i in range(n) if not np.isnan(values[i]).any()]
 
     def dominates(a, b):
-        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+        return all(x <= y for x, y in zip(a, b, strict=True)) and any(
+            x < y for x, y in zip(a, b, strict=True)
+        )
 
     memo: dict[int, int] = {}
 

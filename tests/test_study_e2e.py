@@ -35,6 +35,18 @@ from hsgd_tune.tracking import Tracker
 from hsgd_tune.training import per_example_loss
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: torch's intra-op threads cost more than they give, and on a busy machine their
+    spinning makes a 50-step run take seconds instead of a tenth of one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 BOUND_TERMS = (
     "bound/decoupling_distance",
     "bound/synchronous_distance",
@@ -122,7 +134,9 @@ def client_for(folder: Path) -> MlflowClient:
 
 
 def load(folder: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(str(folder / "mlruns" / "optuna-journal.log")))
+    return optuna.load_study(
+        study_name=name, storage=open_storage(str(folder / "mlruns" / "optuna-journal.log"))
+    )
 
 
 def runs_of(client: MlflowClient, experiment_name: str):
@@ -206,7 +220,11 @@ def test_small_study_runs_and_logs_one_child_run_per_trial(small_study):
         assert tags["optuna.state"] == "COMPLETE"
         assert tags["hsgd.theory"] == "plain SGD (inside)"
         assumptions = {k for k in tags if k.startswith("hsgd.assumption.")}
-        assert {"hsgd.assumption.lipschitz", "hsgd.assumption.gap_bound", "hsgd.assumption.complexity"} <= assumptions
+        assert {
+            "hsgd.assumption.lipschitz",
+            "hsgd.assumption.gap_bound",
+            "hsgd.assumption.complexity",
+        } <= assumptions
         assert "not certified" in tags["hsgd.assumption.lipschitz"]
         # The val/loss curve runs 0, 10, ..., 50 and ends at the final value.
         history = sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)
@@ -408,16 +426,27 @@ def test_cli_run_then_rank(workspace):
     exe = Path(sys.executable).with_name("hsgd-tune")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "hsgd_tune.cli"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["OMP_NUM_THREADS"] = "1"  # as _one_torch_thread does in this process
 
     run = subprocess.run(
-        [*command, "run", str(study_file), "--quiet"], cwd=workspace, env=env, capture_output=True, text=True, timeout=300
+        [*command, "run", str(study_file), "--quiet"],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     assert "cli: 2/2 trials finished" in run.stdout
     assert "Traceback" not in run.stderr
 
     rank = subprocess.run(
-        [*command, "rank", str(study_file)], cwd=workspace, env=env, capture_output=True, text=True, timeout=300
+        [*command, "rank", str(study_file)],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert rank.returncode == 0, rank.stderr
     assert "Pareto front" in rank.stdout

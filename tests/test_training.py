@@ -31,6 +31,16 @@ from hsgd_tune.training import (
 D, K, WIDTH = 6, 3, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: torch's intra-op threads cost more than they give, and on a busy machine their
+    spinning makes a 50-step run take seconds instead of a tenth of one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _split(rng: np.random.Generator, n: int) -> Split:
     x = rng.normal(size=(n, D)).astype(np.float32)
     y = x[:, :K].argmax(axis=1).astype(np.int64)  # learnable, so losses move
@@ -75,7 +85,11 @@ def user_spec(tmp_path, monkeypatch) -> ModelSpec:
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     return ModelSpec(
-        kind="entry_point", n_features=D, n_outputs=K, entry_point="twin_user_models:mlp", kwargs=(("width", WIDTH),)
+        kind="entry_point",
+        n_features=D,
+        n_outputs=K,
+        entry_point="twin_user_models:mlp",
+        kwargs=(("width", WIDTH),),
     )
 
 
@@ -86,7 +100,9 @@ def plain_sgd(
     (modulo the split's size). Returns the iterates at 0, r, 2r, ..., steps: (N, p)."""
     model = copy.deepcopy(model)
     x, y = torch.as_tensor(split.x), torch.as_tensor(split.y)
-    opt = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum, weight_decay=s.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=s.learning_rate, momentum=s.momentum, weight_decay=s.weight_decay
+    )
     recorded = [flat_parameters(model).numpy().copy()]
     for step, pos in enumerate(minibatch_positions(n_positions, s.batch_size, s.steps, s.seed), start=1):
         idx = torch.as_tensor(pos) % len(y)
@@ -203,15 +219,17 @@ def test_minibatch_positions_are_epochs_of_permutations():
         assert len(np.unique(epoch)) == len(epoch), "a position repeats within an epoch"
         assert epoch.min() >= 0 and epoch.max() < n
     # Successive epochs are reshuffled.
-    assert not np.array_equal(np.concatenate(batches[:per_epoch]), np.concatenate(batches[per_epoch : 2 * per_epoch]))
+    assert not np.array_equal(
+        np.concatenate(batches[:per_epoch]), np.concatenate(batches[per_epoch : 2 * per_epoch])
+    )
 
 
 def test_minibatch_positions_deterministic_per_seed():
     a = list(minibatch_positions(40, 5, 20, seed=1))
     b = list(minibatch_positions(40, 5, 20, seed=1))
     c = list(minibatch_positions(40, 5, 20, seed=2))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_minibatch_positions_full_batch():
