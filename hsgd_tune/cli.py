@@ -22,15 +22,28 @@ Run a study until it has the study file's number of finished trials ([run] n_tri
 same command resumes the study: finished trials are kept, and a trial whose process died is re-run.
 The study file, data and model are checked before anything is created."""
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsgd-tune", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run or resume a tuning study", description=RUN_HELP)
     run.add_argument("study", type=Path, metavar="STUDY.toml", help="the study file (see studies/)")
-    run.add_argument("--n-trials", type=int, metavar="N", help="study-wide budget of finished trials (overrides [run] n_trials)")
-    run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting new trials after this long")
-    run.add_argument("--storage", metavar="URL", help="Optuna storage: a database URL (postgresql://…) or a journal file path (default: mlruns/optuna-journal.log)")
+    run.add_argument(
+        "--n-trials",
+        type=int,
+        metavar="N",
+        help="study-wide budget of finished trials (overrides [run] n_trials)",
+    )
+    run.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="stop starting new trials after this long"
+    )
+    run.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage: a database URL (postgresql://…) or a journal file path "
+        "(default: mlruns/optuna-journal.log)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress display")
     cli_worker.add_run_options(run)  # --workers K
 

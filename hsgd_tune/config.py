@@ -371,9 +371,7 @@ def _read_model(t: _Table) -> ModelConfig:
         raise ConfigError(t.key("widths"), "must be empty for a linear model", widths)
     entry_point = t.get("entry_point", "str", None)
     if (kind == "entry_point") != (entry_point is not None):
-        raise ConfigError(
-            t.key("entry_point"), "is required exactly when kind = 'entry_point'", entry_point
-        )
+        raise ConfigError(t.key("entry_point"), "is required exactly when kind = 'entry_point'", entry_point)
     t.done()
     return ModelConfig(kind=kind, widths=tuple(widths), entry_point=entry_point)
 
@@ -537,7 +535,9 @@ def _read_rank(t: _Table) -> RankConfig:
         prefer=_one_of(t, "prefer", OBJECTIVES, "risk_bound"),
     )
     if cfg.tolerance < 0:
-        raise ConfigError(t.key("tolerance"), "must be non-negative (a fraction of the best value)", cfg.tolerance)
+        raise ConfigError(
+            t.key("tolerance"), "must be non-negative (a fraction of the best value)", cfg.tolerance
+        )
     t.done()
     return cfg
 

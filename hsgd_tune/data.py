@@ -96,9 +96,7 @@ class Dataset:
     n_outputs: int
     description: str
     feature_names: tuple[str, ...] = ()
-    classes: tuple[
-        Any, ...
-    ] = ()  # original label of each class index (classification only)
+    classes: tuple[Any, ...] = ()  # original label of each class index (classification only)
     x_mean: np.ndarray | None = None
     x_scale: np.ndarray | None = None
     y_mean: float = 0.0
@@ -122,10 +120,7 @@ def load_dataset(cfg: Any, seed: int) -> Dataset:
     if source == "synthetic":
         return _load_synthetic(cfg, seed, task or "classification")
 
-    if source == "csv":
-        table = _read_csv(cfg, task)
-    else:
-        table = _read_builtin(source, task)
+    table = _read_csv(cfg, task) if source == "csv" else _read_builtin(source, task)
 
     idx = split_indices(table.n_rows, cfg, seed, what=table.name)
     raw = {role: (table.x[i], table.y[i]) for role, i in idx.items() if i is not None}
@@ -148,9 +143,7 @@ def split_indices(n_rows: int, cfg: Any, seed: int, what: str = "the data") -> d
     need = n_train + n_val_drawn + n_test
     min_ref = min(n_train, 10)
     if need + min_ref > n_rows:
-        parts = (
-            ["n_train"] + ([] if share else ["n_val"]) + (["n_test"] if n_test else [])
-        )
+        parts = ["n_train"] + ([] if share else ["n_val"]) + (["n_test"] if n_test else [])
         values = [n_train] + ([] if share else [n_val]) + ([n_test] if n_test else [])
         raise DataError(
             "data.n_train",
@@ -190,26 +183,17 @@ def _check_seed(seed: Any) -> None:
 
 
 def _check_int(key: str, value: Any, minimum: int) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise DataError(key, f"must be an integer >= {minimum}", value)
     return int(value)
 
 
 def _sizes(cfg: Any) -> tuple[int, int, int, int]:
     n_train = _check_int("data.n_train", cfg.n_train, 1)
-    if cfg.reference_as_validation:
-        n_val = 0  # ignored: V is H
-    else:
-        n_val = _check_int("data.n_val", cfg.n_val, 1)
+    # With reference_as_validation V is H, and n_val is ignored.
+    n_val = 0 if cfg.reference_as_validation else _check_int("data.n_val", cfg.n_val, 1)
     n_test = _check_int("data.n_test", cfg.n_test, 0)
-    if cfg.n_reference is None:
-        n_ref = n_train
-    else:
-        n_ref = _check_int("data.n_reference", cfg.n_reference, 1)
+    n_ref = n_train if cfg.n_reference is None else _check_int("data.n_reference", cfg.n_reference, 1)
     return n_train, n_val, n_test, n_ref
 
 
@@ -233,11 +217,7 @@ class _Table:
 
     @property
     def description(self) -> str:
-        what = (
-            f"{self.n_outputs} classes"
-            if self.task == "classification"
-            else "regression"
-        )
+        what = f"{self.n_outputs} classes" if self.task == "classification" else "regression"
         return f"{self.name} ({self.n_rows} rows, {self.x.shape[1]} features, {what})"
 
 
@@ -285,14 +265,10 @@ def _read_csv(cfg: Any, task: str | None) -> _Table:
     try:
         frame = pd.read_csv(path, low_memory=False)
     except pd.errors.EmptyDataError:
-        raise DataError(
-            "data.path", "CSV file is empty", str(path), file=path
-        ) from None
+        raise DataError("data.path", "CSV file is empty", str(path), file=path) from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:200]
-        raise DataError(
-            "data.path", f"CSV file cannot be read ({reason})", str(path), file=path
-        ) from None
+        raise DataError("data.path", f"CSV file cannot be read ({reason})", str(path), file=path) from None
 
     columns = list(frame.columns)
     if target not in columns:
@@ -303,9 +279,7 @@ def _read_csv(cfg: Any, task: str | None) -> _Table:
             file=path,
         )
     if len(frame) == 0:
-        raise DataError(
-            "data.path", "CSV file has a header but no data rows", str(path), file=path
-        )
+        raise DataError("data.path", "CSV file has a header but no data rows", str(path), file=path)
     features = [c for c in columns if c != target]
     if not features:
         raise DataError(
@@ -418,9 +392,7 @@ def _encode_labels(y: pd.Series) -> tuple[np.ndarray, tuple[Any, ...]]:
     except TypeError:  # mixed types: order by their text
         classes = sorted(distinct, key=str)
     code = {v: i for i, v in enumerate(classes)}
-    labels = np.fromiter(
-        (code[v.item() if hasattr(v, "item") else v] for v in y), np.int64, len(y)
-    )
+    labels = np.fromiter((code[v.item() if hasattr(v, "item") else v] for v in y), np.int64, len(y))
     return labels, tuple(classes)
 
 
@@ -462,9 +434,7 @@ def _load_synthetic(cfg: Any, seed: int, task: str) -> Dataset:
 
     n_outputs = k if task == "classification" else 1
     what = f"{k} classes" if task == "classification" else "regression"
-    description = (
-        f"synthetic {kind} ({d} features, {what}, noise {noise:g}, seed {seed})"
-    )
+    description = f"synthetic {kind} ({d} features, {what}, noise {noise:g}, seed {seed})"
     info = _Table(
         name="synthetic",
         x=np.empty((0, d)),
@@ -495,9 +465,7 @@ class _SyntheticGenerator:
       std 1 on a calibration sample) plus N(0, noise²).
     """
 
-    def __init__(
-        self, kind: str, task: str, seed: int, d: int, k: int, hidden: int, noise: float
-    ) -> None:
+    def __init__(self, kind: str, task: str, seed: int, d: int, k: int, hidden: int, noise: float) -> None:
         self.kind, self.task, self.seed = kind, task, seed
         self.d, self.k, self.noise = d, k, noise
         rng = self._rng(_PARAMS_STREAM)
@@ -511,9 +479,7 @@ class _SyntheticGenerator:
             self.means = rng.standard_normal((k, d))
             self.beta = rng.standard_normal((d, 1)) / np.sqrt(d)
             cluster = rng.integers(k, size=_CALIBRATION_ROWS)
-            x = self.means[cluster] + noise * rng.standard_normal(
-                (_CALIBRATION_ROWS, d)
-            )
+            x = self.means[cluster] + noise * rng.standard_normal((_CALIBRATION_ROWS, d))
             calib = x @ self.beta
         self.shift = calib.mean(axis=0)
         std = float(calib.std()) if task == "regression" else 1.0
@@ -559,9 +525,7 @@ class _SyntheticGenerator:
 # standardization and assembly
 
 
-def _assemble(
-    raw: dict, cfg: Any, task: str, n_outputs: int, description: str, table: _Table
-) -> Dataset:
+def _assemble(raw: dict, cfg: Any, task: str, n_outputs: int, description: str, table: _Table) -> Dataset:
     # Standardize with H's statistics, not S's (nor S∪H's): the reference trajectory W^H must be
     # independent of S for the bound (DESIGN.md §2), and the data it trains on — H after
     # preprocessing — would depend on S through S's mean and std. H's statistics are applied to

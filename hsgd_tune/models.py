@@ -77,7 +77,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.is_builtin:
         sizes = spec.layer_sizes()
         layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             if i > 0:
                 layers.append(nn.ReLU())
             layers.append(nn.Linear(d_in, d_out))

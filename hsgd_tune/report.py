@@ -267,7 +267,7 @@ def plot_trajectories(records: StudyRecords, path: Path) -> None:
     cols = min(n, 2)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.2 * rows), squeeze=False)
-    for ax, (number, why) in zip(axes.flat, records.selected.items(), strict=False):
+    for ax, (number, why) in zip(axes.flat, records.selected.items(), strict=True):
         arrays = records.trajectories[number]
         s, h = arrays["empirical"], arrays["reference"]  # (N, p) each
         projected, explained = pca_2d(np.concatenate([s, h]))

@@ -54,14 +54,20 @@ def prepare(cfg: StudyConfig) -> Dataset:
         largest_batch = max(_knob_values(cfg.search.batch_size))
         if largest_batch > len(data.train.y):
             raise ConfigError(
-                "search.batch_size", f"must not exceed the {len(data.train.y)} training examples", largest_batch
+                "search.batch_size",
+                f"must not exceed the {len(data.train.y)} training examples",
+                largest_batch,
             )
         try:
             initial_model(model_spec(cfg.model, data.n_features, data.n_outputs, {}), cfg.seed)
         except ConfigError:
             raise
         except Exception as exc:  # the user's factory failed: say so in one line
-            raise ConfigError("model.entry_point", f"must build a model ({type(exc).__name__}: {exc})", cfg.model.entry_point) from None
+            raise ConfigError(
+                "model.entry_point",
+                f"must build a model ({type(exc).__name__}: {exc})",
+                cfg.model.entry_point,
+            ) from None
     except ConfigError as exc:
         raise exc.in_file(cfg.source_file) if cfg.source_file else exc from None
     return data
@@ -171,7 +177,7 @@ class Progress:
     def on_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.count += 1
         if trial.state == TrialState.COMPLETE:
-            for name, value in zip(self.cfg.objectives, trial.values):
+            for name, value in zip(self.cfg.objectives, trial.values, strict=True):
                 self.best[name] = min(value, self.best.get(name, float("inf")))
         else:
             self.failed += 1
@@ -191,7 +197,7 @@ class Progress:
 def describe_trial(trial: FrozenTrial, objectives: tuple[str, ...]) -> str:
     params = "  ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
     if trial.state == TrialState.COMPLETE:
-        scores = "  ".join(f"{k}={v:.4g}" for k, v in zip(objectives, trial.values))
+        scores = "  ".join(f"{k}={v:.4g}" for k, v in zip(objectives, trial.values, strict=True))
     else:
         scores = f"{trial.state.name}: {trial.user_attrs.get(FAIL_REASON, 'no reason recorded')}"
     return f"trial {trial.number:4d}  {params}  {scores}"

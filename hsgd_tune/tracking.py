@@ -24,7 +24,13 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 LOCAL_ARTIFACT_ROOT = Path("mlruns/artifacts")
 
 #: Optuna trial state → MLflow run status (DESIGN.md §3).
-RUN_STATUS = {"RUNNING": "RUNNING", "WAITING": "SCHEDULED", "COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
+RUN_STATUS = {
+    "RUNNING": "RUNNING",
+    "WAITING": "SCHEDULED",
+    "COMPLETE": "FINISHED",
+    "FAIL": "FAILED",
+    "PRUNED": "KILLED",
+}
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "hsgd.study", "hsgd.role", "optuna.trial_number", "optuna.state"
 
@@ -82,7 +88,9 @@ class Tracker:
                     raise
                 return found.experiment_id
         except Exception as exc:
-            raise StorageError(f"MLflow tracking store {self.uri} cannot be used: {_first_line(exc)}") from None
+            raise StorageError(
+                f"MLflow tracking store {self.uri} cannot be used: {_first_line(exc)}"
+            ) from None
 
     def parent_run_id(self, experiment_id: str, study: str) -> str | None:
         runs = self.client.search_runs(
@@ -93,11 +101,15 @@ class Tracker:
         )
         return runs[0].info.run_id if runs else None
 
-    def open_parent(self, experiment_id: str, study: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    def open_parent(
+        self, experiment_id: str, study: str, params: Mapping[str, Any], tags: Mapping[str, str]
+    ) -> str:
         """The study's parent run, created on first use and set RUNNING again on resume."""
         run_id = self.parent_run_id(experiment_id, study)
         if run_id is None:
-            run = self.client.create_run(experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study})
+            run = self.client.create_run(
+                experiment_id, run_name=study, tags={ROLE_TAG: "study", STUDY_TAG: study}
+            )
             run_id = run.info.run_id
             self.log(run_id, params=params)
         else:
@@ -111,7 +123,9 @@ class Tracker:
 
     # -- trial level ------------------------------------------------------------------------
 
-    def start_trial(self, experiment_id: str, parent_id: str, study: str, number: int, params: Mapping[str, Any]) -> str:
+    def start_trial(
+        self, experiment_id: str, parent_id: str, study: str, number: int, params: Mapping[str, Any]
+    ) -> str:
         tags = {
             "mlflow.parentRunId": parent_id,
             ROLE_TAG: "trial",
@@ -164,7 +178,7 @@ class Tracker:
         for key, value in (metrics or {}).items():
             _append_metric(entries, tags, key, value, step, now)
         for key, (steps, values) in (curves or {}).items():
-            for step, value in zip(steps, values):
+            for step, value in zip(steps, values, strict=True):
                 _append_metric(entries, tags, key, value, int(step), now)
         param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         tag_list = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
@@ -174,13 +188,17 @@ class Tracker:
                 self.client.log_batch(run_id, metrics=chunk, synchronous=True)
         for items, kind in ((param_list, "params"), (tag_list, "tags")):
             for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-                self.client.log_batch(run_id, **{kind: items[i : i + MAX_PARAMS_TAGS_PER_BATCH]}, synchronous=True)
+                self.client.log_batch(
+                    run_id, **{kind: items[i : i + MAX_PARAMS_TAGS_PER_BATCH]}, synchronous=True
+                )
 
     def log_artifacts(self, run_id: str, local_dir: Path) -> None:
         self.client.log_artifacts(run_id, str(local_dir))
 
 
-def _append_metric(entries: list[Metric], tags: dict[str, str], key: str, value: float, step: int, now: int) -> None:
+def _append_metric(
+    entries: list[Metric], tags: dict[str, str], key: str, value: float, step: int, now: int
+) -> None:
     value = float(value)
     if math.isfinite(value):
         entries.append(Metric(key, value, now, step))

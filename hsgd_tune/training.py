@@ -114,12 +114,12 @@ class StackedTwin:
     @property
     def params(self) -> list[torch.Tensor]:
         # Interleaved like nn.Sequential's named_parameters, so flat vectors match the module's.
-        return [p for pair in zip(self.weights, self.biases) for p in pair]
+        return [p for pair in zip(self.weights, self.biases, strict=True) for p in pair]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (2, b, d) → outputs (2, b, k)."""
         h = x
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             if i > 0:
                 h = torch.relu(h)
             h = torch.baddbmm(b, h, w.transpose(1, 2))
@@ -291,7 +291,7 @@ def _add_shared(twin, increment: torch.Tensor) -> None:
 def _sgd_update(params, grads, settings: TrainSettings, velocity) -> None:
     """Plain SGD (w ← w − η g); weight decay and momentum, when asked, as in torch.optim.SGD."""
     with torch.no_grad():
-        for i, (p, g) in enumerate(zip(params, grads)):
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             if settings.weight_decay:
                 g = g + settings.weight_decay * p
             if velocity is not None:
@@ -493,7 +493,7 @@ def _vmap_gradient_norms(
     for r in range(runs):
         for k in range(n_points):
             chunks = torch.as_tensor(trajectories[r, k]).split(sizes)
-            params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+            params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
             grads = per_example_grad(params, x, y)
             sq = sum(g.reshape(len(y), -1).pow(2).sum(dim=1) for g in grads.values())
             with torch.no_grad():

@@ -3,38 +3,17 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hsgd_tune.config import DataConfig, SyntheticConfig
 from hsgd_tune.data import Dataset, DataWarning, load_dataset, split_indices
 from hsgd_tune.errors import ConfigError, DataError
 
-
-# Local mirrors of config.SyntheticConfig / config.DataConfig (data.py is duck-typed).
-@dataclass(frozen=True)
-class _SynthCfg:
-    kind: str = "teacher"
-    n_features: int = 20
-    n_classes: int = 3
-    noise: float = 0.1
-    hidden: int = 32
-
-
-@dataclass(frozen=True)
-class _DataCfg:
-    source: str
-    n_train: int
-    n_val: int
-    n_reference: int | None = None
-    n_test: int = 0
-    task: str | None = None
-    path: Path | None = None
-    target: str | None = None
-    reference_as_validation: bool = False
-    synthetic: _SynthCfg = field(default_factory=_SynthCfg)
+# data.py is duck-typed on these; the tests use the real config classes.
+_SynthCfg, _DataCfg = SyntheticConfig, DataConfig
 
 
 def _load(seed: int = 0, **kw) -> Dataset:
@@ -125,9 +104,7 @@ def test_splits_differ_for_another_seed():
 
 
 def test_reference_shrinks_with_warning_when_data_run_short():
-    with pytest.warns(
-        DataWarning, match=r"H has 69 rows instead of 100, smaller than S"
-    ):
+    with pytest.warns(DataWarning, match=r"H has 69 rows instead of 100, smaller than S"):
         ds = _load(source="wine", n_train=100, n_val=9)
     assert (len(ds.train), len(ds.val), len(ds.reference)) == (100, 9, 178 - 109)
 
@@ -357,17 +334,12 @@ def test_csv_missing_value_is_data_error(tmp_path):
         load_dataset(_csv_cfg(path), seed=0)
     err = info.value
     assert err.file == path
-    assert (
-        "column 'score' must have no missing values (2 missing, first at data row 2)"
-        in str(err)
-    )
+    assert "column 'score' must have no missing values (2 missing, first at data row 2)" in str(err)
 
 
 def test_csv_infinite_feature_is_data_error(tmp_path):
     path = _write(tmp_path, "a,label\n1,x\ninf,y\n")
-    with pytest.raises(
-        DataError, match=r"feature column 'a' must be finite \(data row 2\)"
-    ):
+    with pytest.raises(DataError, match=r"feature column 'a' must be finite \(data row 2\)"):
         load_dataset(_csv_cfg(path), seed=0)
 
 

@@ -21,9 +21,7 @@ from hsgd_tune.bound import TrajectoryBound, trajectory_bound
 #   B = 2: C = 1, G = 2, risk bound = 2.5 > 2: vacuous.
 TRAJ_S = np.array([[0.0], [1.0], [2.0]])
 TRAJ_H = np.array([[0.0], [2.0], [1.25]])
-GRAD_NORMS = np.array(
-    [[[0.5, 1.0], [2.0, 0.1], [0.0, 1.5]], [[0.3, 0.3], [1.9, 0.2], [1.0, 1.0]]]
-)
+GRAD_NORMS = np.array([[[0.5, 1.0], [2.0, 0.1], [0.0, 1.5]], [[0.3, 0.3], [1.9, 0.2], [1.0, 1.0]]])
 DELTA = 30.0 * math.exp(-25.0)
 CASE = {
     "traj_s": TRAJ_S,

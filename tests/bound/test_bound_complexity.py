@@ -18,9 +18,7 @@ def test_trial_delta_with_one_trial_is_delta():
     assert trial_delta(0.1, 1) == 0.1
 
 
-@pytest.mark.parametrize(
-    "delta", [0.0, 1.0, -0.1, 1.5, math.nan, math.inf, "0.05", None]
-)
+@pytest.mark.parametrize("delta", [0.0, 1.0, -0.1, 1.5, math.nan, math.inf, "0.05", None])
 def test_trial_delta_rejects_delta_outside_open_unit_interval(delta):
     with pytest.raises(ValueError, match="delta must be"):
         trial_delta(delta, 10)
@@ -39,9 +37,7 @@ def test_complexity_term_hand_computed_with_one_reference_point():
 
 def test_complexity_term_hand_computed_with_union_bound_over_points():
     # B=1, n=8, N=4, δ_t = 4·e^-16: ln N + ln 1/δ_t = ln(N/δ_t) = 16; C = sqrt(16/16) = 1.
-    assert complexity_term(1.0, 8, 4, 4.0 * math.exp(-16.0)) == pytest.approx(
-        1.0, rel=1e-14
-    )
+    assert complexity_term(1.0, 8, 4, 4.0 * math.exp(-16.0)) == pytest.approx(1.0, rel=1e-14)
 
 
 def test_complexity_term_is_linear_in_loss_clip():
@@ -56,9 +52,7 @@ def test_complexity_term_decreases_with_more_training_examples():
 
 
 def test_complexity_term_increases_with_more_reference_points():
-    values = [
-        complexity_term(1.0, 100, n_points, 0.01) for n_points in (1, 10, 100, 1000)
-    ]
+    values = [complexity_term(1.0, 100, n_points, 0.01) for n_points in (1, 10, 100, 1000)]
     assert all(later > earlier for earlier, later in itertools.pairwise(values))
 
 

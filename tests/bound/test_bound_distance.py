@@ -42,9 +42,7 @@ def naive_expansion_hausdorff(a: np.ndarray, b: np.ndarray) -> float:
 def test_hausdorff_matches_naive_double_loop(n, m, p, chunk_rows):
     rng = np.random.default_rng(n * 1000 + m * 10 + p)
     a, b = rng.normal(size=(n, p)), rng.normal(size=(m, p)) + 0.5
-    assert hausdorff_distance(a, b, chunk_rows=chunk_rows) == pytest.approx(
-        naive_hausdorff(a, b), rel=1e-12
-    )
+    assert hausdorff_distance(a, b, chunk_rows=chunk_rows) == pytest.approx(naive_hausdorff(a, b), rel=1e-12)
 
 
 def test_hausdorff_of_point_and_segment_ends_on_a_line_is_3():
@@ -75,9 +73,7 @@ def test_hausdorff_ignores_order_and_repetition_of_points():
 def test_hausdorff_is_symmetric():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(30, 6)), rng.normal(size=(17, 6))
-    assert hausdorff_distance(a, b) == pytest.approx(
-        hausdorff_distance(b, a), rel=1e-14
-    )
+    assert hausdorff_distance(a, b) == pytest.approx(hausdorff_distance(b, a), rel=1e-14)
 
 
 def test_hausdorff_is_at_most_synchronous_distance_for_same_index_pairs():
@@ -91,9 +87,7 @@ def test_hausdorff_is_translation_invariant():
     rng = np.random.default_rng(5)
     a, b = rng.normal(size=(25, 4)), rng.normal(size=(35, 4))
     shift = rng.normal(scale=100.0, size=4)
-    assert hausdorff_distance(a + shift, b + shift) == pytest.approx(
-        hausdorff_distance(a, b), rel=1e-9
-    )
+    assert hausdorff_distance(a + shift, b + shift) == pytest.approx(hausdorff_distance(a, b), rel=1e-9)
 
 
 def test_hausdorff_stays_accurate_for_nearby_points_with_large_norms():
@@ -104,9 +98,7 @@ def test_hausdorff_stays_accurate_for_nearby_points_with_large_norms():
     a = base + 1e-3 * rng.normal(size=(40, 8))
     b = base + 1e-3 * rng.normal(size=(30, 8))
     reference = naive_hausdorff(a, b)
-    assert (
-        abs(naive_expansion_hausdorff(a, b) / reference - 1.0) > 1e-6
-    )  # the case is hard
+    assert abs(naive_expansion_hausdorff(a, b) / reference - 1.0) > 1e-6  # the case is hard
     assert hausdorff_distance(a, b, chunk_rows=16) == pytest.approx(reference, rel=1e-9)
 
 
@@ -117,9 +109,7 @@ def test_hausdorff_stays_accurate_for_a_long_trajectory_with_tiny_offsets():
     a = np.linspace(0.0, 1e4, 200)[:, None] * rng.normal(size=(1, 3))
     b = a + 1e-6 * rng.normal(size=a.shape)
     reference = naive_hausdorff(a, b)
-    assert (
-        abs(naive_expansion_hausdorff(a, b) / reference - 1.0) > 1e-6
-    )  # the case is hard
+    assert abs(naive_expansion_hausdorff(a, b) / reference - 1.0) > 1e-6  # the case is hard
     assert hausdorff_distance(a, b, chunk_rows=32) == pytest.approx(reference, rel=1e-9)
 
 
@@ -144,9 +134,7 @@ def test_hausdorff_does_not_depend_on_chunk_rows():
 def test_synchronous_distance_matches_loop():
     rng = np.random.default_rng(9)
     a, b = rng.normal(size=(45, 7)), rng.normal(size=(45, 7))
-    assert synchronous_distance(a, b) == pytest.approx(
-        naive_synchronous(a, b), rel=1e-14
-    )
+    assert synchronous_distance(a, b) == pytest.approx(naive_synchronous(a, b), rel=1e-14)
 
 
 def test_synchronous_distance_pairs_by_index_not_by_nearest_point():

@@ -18,9 +18,7 @@ def test_importing_bound_imports_neither_torch_optuna_nor_mlflow():
     )
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
-        ),
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     result = subprocess.run(
         [sys.executable, "-c", code],

@@ -9,9 +9,7 @@ from hsgd_tune.bound import lipschitz_estimate
 
 
 def test_lipschitz_estimate_is_max_over_runs_iterates_and_examples():
-    grad_norms = np.random.default_rng(0).uniform(
-        size=(2, 5, 7)
-    )  # (run, iterate, example)
+    grad_norms = np.random.default_rng(0).uniform(size=(2, 5, 7))  # (run, iterate, example)
     grad_norms[1, 3, 2] = 4.5
     assert lipschitz_estimate(grad_norms) == 4.5
 
