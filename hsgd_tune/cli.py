@@ -90,9 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_ranking(name: str, storage_url: str | None) -> None:
     from hsgd_tune.ranking import format_table, trials_table
-    from hsgd_tune.study import find_study, open_storage, storage_description
+    from hsgd_tune.study import lookup_study, storage_description
 
-    study = find_study(open_storage(storage_url), name)
+    study = lookup_study(storage_url, name)
     if study is None:
         raise HsgdError(f"no study named {name!r} in {storage_description(storage_url)}")
     table = trials_table(study)

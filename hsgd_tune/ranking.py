@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hsgd_tune.config import RankConfig, StudyConfig, load_study
 from hsgd_tune.errors import ConfigError, HsgdError
-from hsgd_tune.study import FAIL_REASON, find_study, open_storage, storage_description
+from hsgd_tune.study import FAIL_REASON, lookup_study, storage_description
 from hsgd_tune.studyfile import config_from_dict
 from hsgd_tune.tracking import Tracker
 
@@ -247,7 +247,7 @@ def load_ranking(ref: str, storage: str | None = None, **overrides) -> tuple[Ran
     if path.suffix == ".toml" or path.is_file():
         cfg = load_study(path)
         ref, storage = cfg.name, storage or cfg.run.storage
-    study = find_study(open_storage(storage), ref)
+    study = lookup_study(storage, ref)
     if study is None:
         raise HsgdError(f"no study named {ref!r} in {storage_description(storage)}")
     if cfg is None:

@@ -98,6 +98,14 @@ def sample_params(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
     return {knob.name: suggest(trial, knob) for knob in cfg.search.all_knobs()}
 
 
+def lookup_study(url: str | None, name: str) -> optuna.Study | None:
+    """The existing study ``name`` in the storage at ``url``, or None; a look-up creates nothing
+    (opening a journal file that does not exist would create it)."""
+    if (url is None or "://" not in url) and not Path(url or DEFAULT_JOURNAL).exists():
+        return None
+    return find_study(open_storage(url), name)
+
+
 def find_study(storage: BaseStorage, name: str) -> optuna.Study | None:
     if name not in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
         return None

@@ -21,7 +21,7 @@ from pathlib import Path
 from hsgd_tune.config import load_study
 from hsgd_tune.errors import ConfigError, HsgdError
 from hsgd_tune.ranking import stored_config
-from hsgd_tune.study import DEFAULT_JOURNAL, find_study, open_storage, storage_description
+from hsgd_tune.study import DEFAULT_JOURNAL, lookup_study, storage_description
 from hsgd_tune.tracking import Tracker
 
 HOST = "127.0.0.1"
@@ -59,7 +59,7 @@ def serve(ref: str, storage: str | None, port: int, dashboard_port: int) -> int:
     if Path(ref).suffix == ".toml" or Path(ref).is_file():
         cfg = load_study(ref)
         ref, storage = cfg.name, storage or cfg.run.storage
-    study = find_study(open_storage(storage), ref)
+    study = lookup_study(storage, ref)
     if study is None:
         raise HsgdError(f"no study named {ref!r} in {storage_description(storage)}")
     cfg = cfg or stored_config(study)

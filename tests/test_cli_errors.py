@@ -324,11 +324,6 @@ def test_rank_of_an_unknown_study_gives_one_line(workdir, capsys):
     assert not (workdir / "mlruns" / "mlflow.db").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ranking.load_ranking calls find_study(open_storage(None)), and opening the default journal "
-    "creates mlruns/optuna-journal.log: a look-up of an unknown name leaves an empty store behind",
-)
 def test_rank_of_an_unknown_study_creates_nothing(workdir, capsys):
     main(["rank", "no-such-study"])
     _assert_nothing_created(workdir)
