@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -108,6 +109,8 @@ def _print_ranking(name: str, storage_url: str | None) -> None:
 
 def _quiet_libraries() -> None:
     """Our own progress display and errors replace the libraries' chatter."""
+    # MLflow (re)configures its loggers from this variable when it is imported, which happens later.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("alembic", "mlflow", "optuna"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
