@@ -87,6 +87,12 @@ class TrialOutcome:
         return tags
 
 
+def config_params(cfg: StudyConfig) -> dict[str, Any]:
+    """The resolved config as flat MLflow params, without ``[run]`` (how a study runs, which may
+    change between resumes; MLflow params cannot)."""
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")}
+
+
 def train_settings(cfg: StudyConfig, params: dict[str, Any]) -> TrainSettings:
     return TrainSettings(
         learning_rate=float(params["learning_rate"]),
@@ -173,9 +179,7 @@ class Objective:
     ):
         self.cfg, self.data, self.tracker = cfg, data, tracker
         self.experiment_id, self.parent_id, self.max_trials = experiment_id, parent_id, max_trials
-        self.fixed_params = {
-            f"config.{k}": v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")
-        }
+        self.fixed_params = {f"config.{k}": v for k, v in config_params(cfg).items()}
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         params = sample_params(trial, self.cfg)

@@ -16,7 +16,7 @@ from hsgd_tune.config import StudyConfig
 from hsgd_tune.data import Dataset, load_dataset
 from hsgd_tune.errors import ConfigError, HsgdError
 from hsgd_tune.models import model_spec
-from hsgd_tune.objective import Objective
+from hsgd_tune.objective import Objective, config_params
 from hsgd_tune.study import (
     FAIL_REASON,
     create_or_resume,
@@ -24,7 +24,7 @@ from hsgd_tune.study import (
     storage_description,
     trials_done,
 )
-from hsgd_tune.tracking import RUN_STATUS, Tracker
+from hsgd_tune.tracking import Tracker
 from hsgd_tune.training import initial_model
 from hsgd_tune.worker import (
     StudyLock,
@@ -100,7 +100,7 @@ def run_study(
             study,
             tracker,
             experiment_id,
-            params={k: v for k, v in _flat_config(cfg).items()},
+            params=config_params(cfg),
             tags={
                 "hsgd.fingerprint": cfg.fingerprint(),
                 "hsgd.storage": storage_description(cfg.run.storage),
@@ -109,7 +109,6 @@ def run_study(
                 "hsgd.data": data.description,
             },
         )
-    sync_run_statuses(study, tracker)
     done_before = trials_done(study)
     remaining = max(cfg.run.n_trials - done_before, 0)
     objective = Objective(cfg, data, tracker, experiment_id, parent_id, max_trials)
@@ -127,24 +126,6 @@ def run_study(
         stopped = interrupted or options.stop.is_set()
         close_parent(study, tracker, parent_id, study_metrics(study), cfg.run.n_trials, stopped)
     return RunSummary(cfg.name, ran, trials_done(study), cfg.run.n_trials, experiment_id, parent_id)
-
-
-def _flat_config(cfg: StudyConfig) -> dict:
-    from hsgd_tune.tracking import flatten
-
-    return {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")}
-
-
-def sync_run_statuses(study: optuna.Study, tracker: Tracker) -> None:
-    """Make every trial's MLflow run status mirror its Optuna state (e.g. after a killed process)."""
-    for trial in study.get_trials(deepcopy=False):
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        # A queued re-run (WAITING) carries the dead trial's run id in its copied user attrs.
-        if run_id is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
-            continue
-        if tracker.client.get_run(run_id).info.status != RUN_STATUS[trial.state.name]:
-            reason = trial.user_attrs.get(FAIL_REASON, "worker process ended before the trial did")
-            tracker.finish_trial(run_id, trial.state.name, tags={"hsgd.fail_reason": reason})
 
 
 def study_metrics(study: optuna.Study) -> dict[str, float]:
@@ -207,4 +188,4 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-__all__ = ["HsgdError", "RunSummary", "prepare", "run_study", "sync_run_statuses"]
+__all__ = ["HsgdError", "RunSummary", "prepare", "run_study"]

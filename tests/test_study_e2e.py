@@ -37,14 +37,7 @@ from hsgd_tune.training import per_example_loss
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: torch's intra-op threads cost more than they give, and on a busy machine their
-    spinning makes a 50-step run take seconds instead of a tenth of one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BOUND_TERMS = (

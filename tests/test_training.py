@@ -31,14 +31,7 @@ from hsgd_tune.training import (
 D, K, WIDTH = 6, 3, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: torch's intra-op threads cost more than they give, and on a busy machine their
-    spinning makes a 50-step run take seconds instead of a tenth of one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _split(rng: np.random.Generator, n: int) -> Split:
