@@ -44,6 +44,7 @@ TRAINING_KNOBS = ("momentum", "weight_decay")
 #: Knobs of the injected α-stable noise ([training.noise] searched); inside the theory.
 NOISE_KNOBS = ("noise_alpha", "noise_sigma")
 POSTERIOR_KINDS = ("layer", "weight", "isotropic")
+DIAGNOSE_TRIALS = ("front", "all", "none")  # which trials get certificate and diagnostics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +124,13 @@ class CertificateConfig:
 
 @dataclass(frozen=True)
 class DiagnosticsConfig:
-    """Tail index of the gradient noise and the analytic decoupling bounds."""
+    """Tail index of the gradient noise and the analytic decoupling bounds; ``trials`` also says which
+    trials get the PAC-Bayes certificate."""
 
+    #: "front": after the study, for the Pareto front only (and for a trial that is picked); "all":
+    #: inside every trial; "none": only on request (``hsgd-tune certify``). A study with
+    #: ``certificate`` among its objectives certifies every trial whatever this says.
+    trials: str = "front"
     tail_index: bool = True
     analytic: bool = True
     checkpoints: int = 3  # recorded iterates where α̂ and M̂ are measured
@@ -199,6 +205,11 @@ class StudyConfig:
         return self.bound.max_trials if self.bound.max_trials is not None else self.run.n_trials
 
     @property
+    def diagnose_every_trial(self) -> bool:
+        """Certificate and diagnostics inside every trial (else after the study, or on request)."""
+        return self.diagnostics.trials == "all" or "certificate" in self.objectives
+
+    @property
     def experiment_name(self) -> str:
         return self.run.experiment or f"hsgd-{self.name}"
 
@@ -215,6 +226,9 @@ class StudyConfig:
         # max_trials is fixed when the study is created and kept by the study itself (study.py),
         # so a resumed study may name a larger budget here without changing its identity.
         payload["bound"].pop("max_trials")
+        # Which trials get the diagnostics changes no objective (a certificate objective forces
+        # "all"), so it may change between resumes, and studies made before it existed still resume.
+        payload["diagnostics"].pop("trials")
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -466,6 +480,7 @@ def _read_certificate(t: _Table) -> CertificateConfig:
 
 def _read_diagnostics(t: _Table) -> DiagnosticsConfig:
     cfg = DiagnosticsConfig(
+        trials=_one_of(t, "trials", DIAGNOSE_TRIALS, "front"),
         tail_index=t.get("tail_index", "bool", True),
         analytic=t.get("analytic", "bool", True),
         checkpoints=_positive(t, "checkpoints", "int", 3),

@@ -115,8 +115,16 @@ def train_settings(cfg: StudyConfig, params: dict[str, Any]) -> TrainSettings:
     )
 
 
-def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials: int) -> TrialOutcome:
-    """Train both runs with ``params`` and compute the trajectory bound (DESIGN.md §2)."""
+def certificate_delta(cfg: StudyConfig, max_trials: int) -> float:
+    """The certificate's share of δ_t = δ / max_trials: half (the trajectory bound takes the other)."""
+    return cfg.bound.delta / max_trials / 2
+
+
+def evaluate(
+    cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials: int, diagnose: bool = False
+) -> TrialOutcome:
+    """Train both runs with ``params`` and compute the trajectory bound (DESIGN.md §2); the
+    certificate and diagnostics too when the study asks for them in every trial, or ``diagnose``."""
     settings = train_settings(cfg, params)
     trainer_knobs = ("learning_rate", "batch_size", *TRAINING_KNOBS, *NOISE_KNOBS)
     model_knobs = {k: v for k, v in params.items() if k not in trainer_knobs}
@@ -135,9 +143,13 @@ def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials
         max_trials=max_trials,
     )
     run.seconds["bound"] = time.perf_counter() - started
-    started = time.perf_counter()
-    measured = measure(cfg, data, settings, run, bound, delta_certificate=cfg.bound.delta / max_trials / 2)
-    run.seconds["diagnostics"] = time.perf_counter() - started
+    measured = None
+    if cfg.diagnose_every_trial or diagnose:
+        started = time.perf_counter()
+        measured = measure(
+            cfg, data, settings, run, bound, delta_certificate=certificate_delta(cfg, max_trials)
+        )
+        run.seconds["diagnostics"] = time.perf_counter() - started
     outcome = TrialOutcome(params, settings, spec, run, bound, measured)
     for name in cfg.objectives:
         if not math.isfinite(outcome.objective(name)):
