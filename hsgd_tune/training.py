@@ -104,7 +104,12 @@ def per_example_error(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Te
 
 
 class StackedTwin:
-    """A built-in model (Linear/ReLU stack) held twice as stacked weights (2, out, in)."""
+    """A built-in model (Linear/ReLU stack) held twice as stacked weights (2, out, in).
+
+    :meth:`loss_and_gradients` backpropagates by hand: per layer, one batched matrix product for the
+    weight gradients and one for the gradient flowing down. Without autograd's graph a step of both
+    runs costs about one ``nn.Module`` + ``torch.optim.SGD`` step (benchmarks/overhead.py).
+    """
 
     def __init__(self, model: nn.Module):
         layers = linear_layers(model)
@@ -118,16 +123,54 @@ class StackedTwin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (2, b, d) → outputs (2, b, k)."""
-        h = x
+        return self._forward(x)[0]
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs (2, b, k) and each layer's input (2, b, in)."""
+        h, inputs = x, []
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             if i > 0:
                 h = torch.relu(h)
+            inputs.append(h)
             h = torch.baddbmm(b, h, w.transpose(1, 2))
-        return h
+        return h, inputs
+
+    def loss_and_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, task: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(2,) mean minibatch loss of each run, and its gradient for each tensor of :attr:`params`.
+
+        For z = a Wᵀ + b with upstream gradient δ = ∂L/∂z: ∂L/∂W = δᵀ a, ∂L/∂b = Σ_rows δ, and
+        ∂L/∂a = δ W, masked by a > 0 below a ReLU (a = relu(z_prev) > 0 exactly where z_prev > 0).
+        """
+        out, inputs = self._forward(x)
+        loss, delta = _loss_and_output_gradient(out, y, task)
+        grads: list[torch.Tensor] = []
+        for i in range(len(self.weights) - 1, -1, -1):
+            grads += [delta.sum(dim=1, keepdim=True), torch.bmm(delta.transpose(1, 2), inputs[i])]
+            if i > 0:
+                delta = torch.bmm(delta, self.weights[i]).mul_(inputs[i] > 0)
+        return loss, grads[::-1]  # W0, b0, W1, b1, ... like params
 
     def flat(self) -> torch.Tensor:
         """(2, p) the current iterate of both runs."""
-        return torch.cat([p.detach().reshape(2, -1) for p in self.params], dim=1)
+        return torch.cat([p.reshape(2, -1) for p in self.params], dim=1)
+
+
+def _loss_and_output_gradient(
+    out: torch.Tensor, y: torch.Tensor, task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (2, b, k), y (2, b) → (2,) mean loss per run, and its gradient with respect to out."""
+    batch = out.shape[1]
+    if task == "classification":
+        logp = torch.log_softmax(out, dim=-1)
+        target = y.unsqueeze(-1)
+        loss = -logp.gather(-1, target).squeeze(-1).mean(dim=1)
+        # ∂(−log softmax_y)/∂out = softmax − onehot(y)
+        delta = logp.exp_().scatter_add_(-1, target, torch.full_like(target, -1.0, dtype=out.dtype))
+        return loss, delta.div_(batch)
+    residual = out.squeeze(-1) - y
+    return residual.pow(2).mean(dim=1), (residual * (2.0 / batch)).unsqueeze(-1)
 
 
 class SequentialTwin:
@@ -143,12 +186,20 @@ class SequentialTwin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x[r]) for r, m in enumerate(self.models)])
 
+    def loss_and_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, task: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(2,) mean minibatch loss of each run, and its gradient for each of :attr:`params`."""
+        with torch.enable_grad():
+            loss = per_example_loss(self.forward(x), y, task).mean(dim=1)
+            return loss.detach(), list(torch.autograd.grad(loss.sum(), self.params))
+
     def flat(self) -> torch.Tensor:
         return torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in self.models])
 
 
 def _stack2(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().unsqueeze(0).repeat(2, *([1] * t.dim())).clone().requires_grad_(True)
+    return t.detach().unsqueeze(0).repeat(2, *([1] * t.dim())).clone()
 
 
 def make_twin(model: nn.Module, spec: ModelSpec) -> StackedTwin | SequentialTwin:
@@ -195,6 +246,12 @@ def _tensors(split: Split, task: str, device: torch.device) -> tuple[torch.Tenso
     return x, (y.long() if task == "classification" else y.float())
 
 
+def _paired(train: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(2, n_S, ...): row i of S next to row i mod |H| of H, so one index picks both minibatches."""
+    n = len(train)
+    return torch.stack([train, reference[torch.arange(n, device=reference.device) % len(reference)]])
+
+
 def resolve_device(requested: str) -> torch.device:
     """CUDA when the study asks for it (or for "auto") and one is present; the CPU otherwise."""
     if requested in ("cuda", "auto") and torch.cuda.is_available():
@@ -215,7 +272,7 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
     xs, ys = _tensors(data.train, data.task, device)
     xh, yh = _tensors(data.reference, data.task, device)
     xv, yv = _tensors(data.val, data.task, device)
-    n_s, n_h = len(ys), len(yh)
+    x_pairs, y_pairs = _paired(xs, xh), _paired(ys, yh)
 
     store = _iterate_store(spec, data, settings)
     recorder = _Recorder(twin, data.task, (xs, ys), (xh, yh), (xv, yv), store=store)
@@ -225,18 +282,14 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
     interval_loss = torch.zeros(2, device=device)
     noise = _levy_noise(settings, device)
     n_weights = int(twin.flat().shape[1])
-    positions = minibatch_positions(n_s, settings.batch_size, settings.steps, settings.seed)
+    positions = minibatch_positions(len(ys), settings.batch_size, settings.steps, settings.seed)
     for step, pos in enumerate(positions, start=1):
-        idx_s = torch.as_tensor(pos, device=device)
-        idx_h = idx_s % n_h
-        xb = torch.stack([xs[idx_s], xh[idx_h]])  # (2, b, d)
-        yb = torch.stack([ys[idx_s], yh[idx_h]])  # (2, b)
-        run_loss = per_example_loss(twin.forward(xb), yb, data.task).mean(dim=1)  # (2,)
-        grads = torch.autograd.grad(run_loss.sum(), twin.params)
+        idx = torch.as_tensor(pos, device=device)
+        run_loss, grads = twin.loss_and_gradients(x_pairs[:, idx], y_pairs[:, idx], data.task)  # (2,)
         _sgd_update(twin.params, grads, settings, velocity)
         if noise is not None:
             _add_shared(twin, noise.increment(step, n_weights))
-        interval_loss += run_loss.detach()
+        interval_loss += run_loss
         if step % settings.record_every == 0 or step == settings.steps:
             done_since = step - recorder.steps[-1]
             recorder.record(step, interval_loss=interval_loss / done_since)
@@ -297,7 +350,7 @@ def _sgd_update(params, grads, settings: TrainSettings, velocity) -> None:
             if velocity is not None:
                 velocity[i].mul_(settings.momentum).add_(g)
                 g = velocity[i]
-            p.sub_(settings.learning_rate * g)
+            p.add_(g, alpha=-settings.learning_rate)
 
 
 def _check_divergence(recorder: _Recorder, limit: torch.Tensor, step: int) -> None:

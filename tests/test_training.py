@@ -151,6 +151,60 @@ def test_stacked_and_sequential_twins_equal_two_plain_sgd_loops(user_spec):
     assert np.abs(ref_s[-1] - ref_h[-1]).max() > 1e-2
 
 
+@pytest.mark.parametrize(
+    "widths", [(), (WIDTH,), (WIDTH, 5, 4)], ids=["linear", "one-hidden", "three-hidden"]
+)
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_hand_written_backward_matches_autograd(widths, task):
+    """StackedTwin's gradients are autograd's, for every depth and both losses."""
+    n_out = K if task == "classification" else 1
+    spec = ModelSpec(kind="mlp" if widths else "linear", n_features=D, n_outputs=n_out, widths=widths)
+    twin = StackedTwin(initial_model(spec, seed=2))
+    with torch.no_grad():  # the two runs' weights must differ, or a swapped run would go unseen
+        for p in twin.params:
+            p[1] += 0.1 * torch.randn_like(p[1])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, D, generator=gen)
+    y = torch.randint(0, K, (2, 11), generator=gen) if task == "classification" else torch.randn(2, 11)
+
+    loss, grads = twin.loss_and_gradients(x, y, task)
+
+    params = [p.clone().requires_grad_(True) for p in twin.params]
+    h = x
+    for i, (w, b) in enumerate(zip(params[::2], params[1::2], strict=True)):
+        h = torch.baddbmm(b, torch.relu(h) if i else h, w.transpose(1, 2))
+    expected = per_example_loss(h, y, task).mean(dim=1)
+    expected_grads = torch.autograd.grad(expected.sum(), params)
+    torch.testing.assert_close(loss, expected.detach())
+    assert [g.shape for g in grads] == [p.shape for p in params]
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def make_regression_data() -> Dataset:
+    rng = np.random.default_rng(4)
+    splits = []
+    for n in (120, 90, 60):
+        x = rng.normal(size=(n, D)).astype(np.float32)
+        splits.append(Split(x, (x[:, 0] - 0.5 * x[:, 1]).astype(np.float32)))
+    return Dataset(*splits, test=None, task="regression", n_features=D, n_outputs=1, description="regression")
+
+
+def test_regression_twin_equals_two_plain_sgd_loops():
+    data, s = make_regression_data(), settings(learning_rate=0.05)
+    spec = ModelSpec(kind="mlp", n_features=D, n_outputs=1, widths=(WIDTH, 4))
+    run = train_twin(data, spec, s)
+    model = initial_model(spec, s.seed)
+    n_s = len(data.train)
+    np.testing.assert_allclose(
+        run.trajectories[S_RUN], plain_sgd(model, data.train, s, n_s, "regression"), rtol=0, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        run.trajectories[H_RUN], plain_sgd(model, data.reference, s, n_s, "regression"), rtol=0, atol=1e-5
+    )
+    assert run.final["train/loss"] < run.curves["train/minibatch_loss"][0]  # it learned something
+
+
 def test_same_split_as_s_and_h_gives_identical_trajectories(user_spec):
     data = make_data()
     twin_data = Dataset(
