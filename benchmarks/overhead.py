@@ -37,6 +37,7 @@ from hsgd_tune.config import load_study
 from hsgd_tune.data import load_dataset
 from hsgd_tune.models import build_model, model_spec
 from hsgd_tune.objective import Objective, evaluate
+from hsgd_tune.study import open_storage
 from hsgd_tune.tracking import Tracker
 from hsgd_tune.training import _vmap_gradient_norms, clipped_gradient_norms, minibatch_positions
 
@@ -70,23 +71,51 @@ def plain_trial(data, spec, steps: int, batch_size: int, seed: int) -> float:
     return time.perf_counter() - started
 
 
-def our_trial(cfg, data, tracker: Tracker, batch_size: int) -> dict[str, float]:
-    """Seconds for one Optuna trial of our Objective, and its split as logged to MLflow."""
+def our_trial(cfg, data, tracker: Tracker, study: optuna.Study, batch_size: int) -> dict[str, float]:
+    """Seconds for one trial of our Objective in a journal-stored study (the quick-start's storage),
+    and its split as logged to MLflow."""
     exp = tracker.experiment_id(cfg.experiment_name)
     parent = tracker.open_parent(exp, cfg.name, params={}, tags={})
     objective = Objective(cfg, data, tracker, exp, parent, max_trials=cfg.max_trials)
-    study = optuna.create_study(directions=["minimize"] * len(cfg.objectives))
     study.enqueue_trial({"learning_rate": LEARNING_RATE, "batch_size": batch_size})
     started = time.perf_counter()
     study.optimize(objective, n_trials=1)
     total = time.perf_counter() - started
-    metrics = tracker.client.get_run(study.trials[0].user_attrs["mlflow_run_id"]).data.metrics
+    metrics = tracker.client.get_run(study.trials[-1].user_attrs["mlflow_run_id"]).data.metrics
     split = {
         k: metrics.get(f"time/{k}_s", 0.0)
         for k in ("training", "lipschitz", "bound", "diagnostics", "logging")
     }
-    other = total - sum(split.values())  # MLflow run creation and params, Optuna, sampling
+    other = total - sum(split.values())  # MLflow run creation, params, final batch; Optuna; sampling
     return {"total": total, **split, "other": other, "trajectory_bytes": metrics["train/trajectory_bytes"]}
+
+
+def with_diagnostics(cfg, every_trial: bool):
+    """The study as the quick-start has it, or with certificate and diagnostics in every trial."""
+    trials = "all" if every_trial else cfg.diagnostics.trials
+    return dataclasses.replace(cfg, diagnostics=dataclasses.replace(cfg.diagnostics, trials=trials))
+
+
+def print_table(plain: dict[tuple, list[float]], ours: dict[tuple, list[dict]], variants: list[str]) -> None:
+    """Medians per (threads, batch): plain, each variant and its ratio, and the split of "ours"."""
+    columns = ["threads", "batch", "plain trial (s)"]
+    for name in variants:
+        columns += [f"{name} (s)", "ratio"]
+    columns += ["training", "grad norms", "bound", "logging", "other", "bookkeeping", "trajectories (KiB)"]
+    print("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
+    for (threads, b), times in sorted(plain.items()):
+        p_med = statistics.median(times)
+        cells = [str(threads), str(b), f"{p_med:.3f}"]
+        for name in variants:
+            total = statistics.median(r["total"] for r in ours[(name, threads, b)])
+            cells += [f"{total:.3f}", f"{total / p_med:.2f}"]
+        rows = ours[(variants[0], threads, b)]
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        # Bookkeeping: what Optuna and MLflow add to a trial (logging, run creation, storage writes).
+        bookkeeping = statistics.median((r["logging"] + r["other"]) / r["total"] for r in rows)
+        cells += [f"{med[k]:.3f}" for k in ("training", "lipschitz", "bound", "logging", "other")]
+        cells += [f"{bookkeeping:.0%}", f"{med['trajectory_bytes'] / 1024:.0f}"]
+        print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -94,6 +123,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="300 steps, 3 repetitions")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", default="1,2", help="torch thread counts to compare, e.g. 1,2")
+    ap.add_argument(
+        "--every-trial-diagnostics",
+        action="store_true",
+        help="also time trials with [diagnostics] trials = 'all' (certificate, tail index, analytic)",
+    )
     args = ap.parse_args()
     steps = 300 if args.quick else 1000
     repeats = args.repeats or (3 if args.quick else 5)
@@ -108,39 +142,37 @@ def main() -> None:
         f"torch {torch.__version__}; quick-start MLP {cfg.model.widths}, {steps} steps, "
         f"record_every {cfg.training.record_every}, {repeats} interleaved repetitions"
     )
+    variants = {"ours": with_diagnostics(cfg, every_trial=False)}
+    if args.every_trial_diagnostics:
+        variants["ours, diagnostics every trial"] = with_diagnostics(cfg, every_trial=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # MLflow and Optuna state of this benchmark stay out of the user's mlruns/
         tracker = Tracker()
+        studies = {
+            name: optuna.create_study(
+                study_name=name,
+                storage=open_storage(None),
+                directions=["minimize"] * len(cfg.objectives),
+            )
+            for name in variants
+        }
         plain: dict[tuple, list[float]] = {}
         ours: dict[tuple, list[dict]] = {}
         for rep in range(repeats):
             for threads in [int(t) for t in args.threads.split(",")]:
                 torch.set_num_threads(threads)
                 for b in BATCH_SIZES:
-                    key = (threads, b)
-                    order = (
-                        ("plain", "ours") if rep % 2 == 0 else ("ours", "plain")
-                    )  # alternate who goes first
-                    for who in order:
+                    runs = ["plain", *variants]
+                    for who in runs if rep % 2 == 0 else runs[::-1]:  # alternate who goes first
                         if who == "plain":
-                            plain.setdefault(key, []).append(plain_trial(data, spec, steps, b, cfg.seed))
+                            plain.setdefault((threads, b), []).append(
+                                plain_trial(data, spec, steps, b, cfg.seed)
+                            )
                         else:
-                            ours.setdefault(key, []).append(our_trial(cfg, data, tracker, b))
-
-        columns = ["threads", "batch", "plain trial (s)", "our trial (s)", "ratio", "training", "grad norms"]
-        columns += ["bound", "diagnostics", "logging", "other", "trajectories (KiB)"]
-        print("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
-        for (threads, b), times in sorted(plain.items()):
-            rows = ours[(threads, b)]
-            med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-            p_med = statistics.median(times)
-            print(
-                f"| {threads} | {b} | {p_med:.2f} | {med['total']:.2f} | {med['total'] / p_med:.2f} | "
-                f"{med['training']:.2f} | {med['lipschitz']:.3f} | {med['bound']:.3f} | "
-                f"{med['diagnostics']:.2f} | {med['logging']:.3f} | {med['other']:.2f} | "
-                f"{med['trajectory_bytes'] / 1024:.0f} |"
-            )
+                            timed = our_trial(variants[who], data, tracker, studies[who], b)
+                            ours.setdefault((who, threads, b), []).append(timed)
+        print_table(plain, ours, list(variants))
 
         # The gradient norms before and after: old per-iterate vmap(grad) vs closed form, same input.
         torch.set_num_threads(2)

@@ -6,19 +6,26 @@ sent in batches: a trial makes a handful of round trips, not one per step (DESIG
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from mlflow.utils.validation import (
+    MAX_ENTITIES_PER_BATCH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
 
 from hsgd_tune.errors import StorageError
+from hsgd_tune.writer import BackgroundWriter, FinishJob
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 LOCAL_ARTIFACT_ROOT = Path("mlruns/artifacts")
@@ -68,6 +75,7 @@ class Tracker:
             # first directory's database while Optuna's journal follows the new directory.
             self.uri = f"sqlite:///{LOCAL_ARTIFACT_ROOT.parent.resolve() / 'mlflow.db'}"
         self.client = MlflowClient(self.uri)
+        self.writer: BackgroundWriter | None = None
         # MLflow announces creating and migrating its database at INFO; users need not see it.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
@@ -137,10 +145,51 @@ class Tracker:
         self.log(run.info.run_id, params=params)
         return run.info.run_id
 
-    def finish_trial(self, run_id: str, state: str, tags: Mapping[str, str] | None = None) -> None:
-        """Mirror the Optuna state onto the run (FAIL → FAILED, PRUNED → KILLED)."""
-        self.log(run_id, tags={**(tags or {}), STATE_TAG: state})
-        self.client.set_terminated(run_id, status=RUN_STATUS[state])
+    def finish_trial(
+        self,
+        run_id: str,
+        state: str,
+        tags: Mapping[str, str] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        step: int = 0,
+        curves: Mapping[str, tuple[Iterable[int], Iterable[float]]] | None = None,
+        artifacts: Path | None = None,
+    ) -> None:
+        """Log the trial's last values with its Optuna state and end the run with the matching
+        status (FAIL → FAILED, PRUNED → KILLED); ``artifacts``: a folder to log, then delete.
+        Inside :meth:`background` this only queues the work for the writer process."""
+        job = FinishJob(
+            run_id, state, dict(tags or {}), dict(metrics or {}), step, dict(curves or {}), artifacts
+        )
+        if self.writer is not None:
+            self.writer.submit(job)
+        else:
+            self.finish_now(job)
+
+    def finish_now(self, job: FinishJob) -> None:
+        """Three round trips for a whole trial: artifacts, one batch, the status."""
+        if job.artifacts is not None:
+            self.log_artifacts(job.run_id, job.artifacts)
+            shutil.rmtree(job.artifacts, ignore_errors=True)
+        tags = {**job.tags, STATE_TAG: job.state}
+        self.log(job.run_id, metrics=job.metrics, step=job.step, curves=job.curves, tags=tags)
+        self.client.set_terminated(job.run_id, status=RUN_STATUS[job.state])
+
+    @contextlib.contextmanager
+    def background(self) -> Iterator[None]:
+        """Finish trial runs in a child process (writer.py) until the block ends, then wait for
+        every queued run to be written."""
+        writer = self.writer = BackgroundWriter(self.uri)
+        try:
+            yield
+        finally:
+            self.writer = None
+            writer.close()
+
+    @property
+    def pending_runs(self) -> set[str]:
+        """Runs this process's writer has been given to end (they may look RUNNING a while)."""
+        return set(self.writer.pending) if self.writer is not None else set()
 
     def trial_runs(self, experiment_id: str, study: str) -> dict[int, Any]:
         """Trial number → run, for every child run of the study."""
@@ -182,18 +231,21 @@ class Tracker:
                 _append_metric(entries, tags, key, value, int(step), now)
         param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         tag_list = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
-        for i in range(0, max(len(entries), 1), MAX_METRICS_PER_BATCH):
-            chunk = entries[i : i + MAX_METRICS_PER_BATCH]
-            if chunk:
-                self.client.log_batch(run_id, metrics=chunk, synchronous=True)
-        for items, kind in ((param_list, "params"), (tag_list, "tags")):
-            for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-                self.client.log_batch(
-                    run_id, **{kind: items[i : i + MAX_PARAMS_TAGS_PER_BATCH]}, synchronous=True
-                )
+        for batch in _batches(entries, param_list, tag_list):
+            self.client.log_batch(run_id, **batch, synchronous=True)
 
     def log_artifacts(self, run_id: str, local_dir: Path) -> None:
         self.client.log_artifacts(run_id, str(local_dir))
+
+
+def _batches(metrics: list[Metric], params: list[Param], tags: list[RunTag]) -> Iterator[dict[str, list]]:
+    """Split into as few ``log_batch`` calls as MLflow's limits allow: each call holds at most 100
+    params, 100 tags and 1000 entities in all (every call is a database transaction)."""
+    while metrics or params or tags:
+        p, t = params[:MAX_PARAMS_TAGS_PER_BATCH], tags[:MAX_PARAMS_TAGS_PER_BATCH]
+        m = metrics[: min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(p) - len(t))]
+        yield {"metrics": m, "params": p, "tags": t}
+        metrics, params, tags = metrics[len(m) :], params[len(p) :], tags[len(t) :]
 
 
 def _append_metric(

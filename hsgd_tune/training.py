@@ -141,7 +141,8 @@ class StackedTwin:
         """(2,) mean minibatch loss of each run, and its gradient for each tensor of :attr:`params`.
 
         For z = a Wᵀ + b with upstream gradient δ = ∂L/∂z: ∂L/∂W = δᵀ a, ∂L/∂b = Σ_rows δ, and
-        ∂L/∂a = δ W, masked by a > 0 below a ReLU (a = relu(z_prev) > 0 exactly where z_prev > 0).
+        ∂L/∂a = δ W, masked below a ReLU where a = relu(z_prev) is 0: sign(a) is that 0/1 mask, as
+        a ≥ 0 (and several times cheaper than a comparison).
         """
         out, inputs = self._forward(x)
         loss, delta = _loss_and_output_gradient(out, y, task)
@@ -149,7 +150,7 @@ class StackedTwin:
         for i in range(len(self.weights) - 1, -1, -1):
             grads += [delta.sum(dim=1, keepdim=True), torch.bmm(delta.transpose(1, 2), inputs[i])]
             if i > 0:
-                delta = torch.bmm(delta, self.weights[i]).mul_(inputs[i] > 0)
+                delta = torch.bmm(delta, self.weights[i]).mul_(inputs[i].sign())
         return loss, grads[::-1]  # W0, b0, W1, b1, ... like params
 
     def flat(self) -> torch.Tensor:
@@ -285,7 +286,8 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
     positions = minibatch_positions(len(ys), settings.batch_size, settings.steps, settings.seed)
     for step, pos in enumerate(positions, start=1):
         idx = torch.as_tensor(pos, device=device)
-        run_loss, grads = twin.loss_and_gradients(x_pairs[:, idx], y_pairs[:, idx], data.task)  # (2,)
+        xb, yb = x_pairs.index_select(1, idx), y_pairs.index_select(1, idx)  # (2, b, d), (2, b)
+        run_loss, grads = twin.loss_and_gradients(xb, yb, data.task)  # (2,) and one per tensor
         _sgd_update(twin.params, grads, settings, velocity)
         if noise is not None:
             _add_shared(twin, noise.increment(step, n_weights))
