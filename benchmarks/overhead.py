@@ -71,23 +71,27 @@ def plain_trial(data, spec, steps: int, batch_size: int, seed: int) -> float:
     return time.perf_counter() - started
 
 
-def our_trial(cfg, data, tracker: Tracker, study: optuna.Study, batch_size: int) -> dict[str, float]:
+def our_trial(cfg, data, tracker: Tracker, study: optuna.Study, batch_size: int) -> dict:
     """Seconds for one trial of our Objective in a journal-stored study (the quick-start's storage),
-    and its split as logged to MLflow."""
+    with its MLflow run, whose end the writer process logs meanwhile (``timing_split`` reads it)."""
     exp = tracker.experiment_id(cfg.experiment_name)
     parent = tracker.open_parent(exp, cfg.name, params={}, tags={})
     objective = Objective(cfg, data, tracker, exp, parent, max_trials=cfg.max_trials)
     study.enqueue_trial({"learning_rate": LEARNING_RATE, "batch_size": batch_size})
     started = time.perf_counter()
     study.optimize(objective, n_trials=1)
-    total = time.perf_counter() - started
-    metrics = tracker.client.get_run(study.trials[-1].user_attrs["mlflow_run_id"]).data.metrics
+    return {"total": time.perf_counter() - started, "run_id": study.trials[-1].user_attrs["mlflow_run_id"]}
+
+
+def timing_split(tracker: Tracker, timed: dict) -> dict[str, float]:
+    """The trial's split as it logged it: training, gradient norms, bound, diagnostics, logging."""
+    metrics = tracker.client.get_run(timed["run_id"]).data.metrics
     split = {
         k: metrics.get(f"time/{k}_s", 0.0)
         for k in ("training", "lipschitz", "bound", "diagnostics", "logging")
     }
-    other = total - sum(split.values())  # MLflow run creation, params, final batch; Optuna; sampling
-    return {"total": total, **split, "other": other, "trajectory_bytes": metrics["train/trajectory_bytes"]}
+    other = timed["total"] - sum(split.values())  # MLflow run creation and params, Optuna, sampling
+    return {**timed, **split, "other": other, "trajectory_bytes": metrics["train/trajectory_bytes"]}
 
 
 def with_diagnostics(cfg, every_trial: bool):
@@ -159,6 +163,8 @@ def main() -> None:
         }
         plain: dict[tuple, list[float]] = {}
         ours: dict[tuple, list[dict]] = {}
+        writer = tracker.background()  # as in a study: trials hand their runs' ends to a writer process
+        writer.__enter__()
         for rep in range(repeats):
             for threads in [int(t) for t in args.threads.split(",")]:
                 torch.set_num_threads(threads)
@@ -172,7 +178,16 @@ def main() -> None:
                         else:
                             timed = our_trial(variants[who], data, tracker, studies[who], b)
                             ours.setdefault((who, threads, b), []).append(timed)
+        started = time.perf_counter()
+        writer.__exit__(None, None, None)
+        drain = time.perf_counter() - started
+        ours = {key: [timing_split(tracker, t) for t in timed] for key, timed in ours.items()}
         print_table(plain, ours, list(variants))
+        n_trials = sum(len(t) for t in ours.values())
+        print(
+            f"\nwriter process: {drain:.2f} s to finish what was still queued after the last of "
+            f"{n_trials} trials (it keeps up when this is about one trial's logging)"
+        )
 
         # The gradient norms before and after: old per-iterate vmap(grad) vs closed form, same input.
         torch.set_num_threads(2)

@@ -8,7 +8,8 @@ instead (benchmarks/overhead.py measures both ways).
 The writer starts on first use (``spawn``: the child imports MLflow afresh and never touches torch or
 the parent's database connections) and is closed by :meth:`BackgroundWriter.close`, which waits until
 every queued run is finished and raises :class:`StorageError` if any write failed. The child ignores
-Ctrl-C, so an interrupted study still finishes the runs of the trials it completed.
+SIGINT and SIGTERM (the parent stops gracefully and then closes it), so a stopped study still
+finishes the runs of the trials it completed; it exits by itself if its parent dies.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from hsgd_tune.errors import StorageError
+
+#: How often an idle writer checks that its parent is still alive (so it never outlives it).
+PARENT_CHECK_S = 1.0
 
 
 @dataclass
@@ -83,12 +87,14 @@ class BackgroundWriter:
 
 
 def serve(tracking_uri: str, jobs, errors) -> None:
-    """The child: finish each queued run in order until ``None`` arrives."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop, then closes us
-    from hsgd_tune.tracking import Tracker  # imported here: the parent may not have MLflow loaded
+    """The child: finish each queued run in order until ``None`` arrives or the parent is gone."""
+    # A signal to the process group is the parent's to handle (worker.GracefulStop); it closes us.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    from hsgd_tune.tracking import Tracker
 
     tracker = Tracker(tracking_uri)
-    while (job := jobs.get()) is not None:
+    while (job := _next_job(jobs)) is not None:
         try:
             tracker.finish_now(job)
         except Exception as exc:  # report, keep serving: later runs may still be written
@@ -97,3 +103,13 @@ def serve(tracking_uri: str, jobs, errors) -> None:
         finally:
             if job.artifacts is not None:
                 shutil.rmtree(job.artifacts, ignore_errors=True)
+
+
+def _next_job(jobs) -> FinishJob | None:
+    """The next job; None once asked to stop, or once the parent died and nothing is left."""
+    while True:
+        try:
+            return jobs.get(timeout=PARENT_CHECK_S)
+        except queue.Empty:
+            if not multiprocessing.parent_process().is_alive():
+                return None

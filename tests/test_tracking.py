@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,37 @@ def test_background_writer_failure_is_a_storage_error_naming_the_run(workdir):
     tracker = Tracker()
     with pytest.raises(StorageError, match="run no-such-run"), tracker.background():
         tracker.finish_trial("no-such-run", "COMPLETE", metrics={"m": 1.0})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in state  # a zombie has exited; only its parent's wait is missing
+
+
+def test_writer_process_does_not_outlive_a_killed_parent(workdir):
+    """A worker killed with SIGKILL cannot close its writer; the writer must still go away."""
+    parent = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            "from hsgd_tune.writer import BackgroundWriter, FinishJob\n"
+            "w = BackgroundWriter(sys.argv[1])\n"
+            "w.submit(FinishJob('no-such-run', 'COMPLETE'))\n"
+            "print(w._process.pid, flush=True)\n"
+            "os._exit(0)\n",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,  # the writer inherits the parent's stdout: this returns once both are gone
+    )
+    pid = int(parent.stdout)
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid)
