@@ -78,7 +78,13 @@ def study_config(dataset: str, seed: int, budget: Budget, n_trials: int) -> Stud
         "training": {"steps": budget.steps, "record_every": budget.record_every},
         "bound": {"max_trials": n_trials},
         "certificate": {"enabled": budget.extras},
-        "diagnostics": {"tail_index": budget.extras, "analytic": False},
+        # evaluate() measures inside the trial only when asked to: these grids compare every trial's
+        # certificate and tail index, not just a Pareto front's.
+        "diagnostics": {
+            "tail_index": budget.extras,
+            "analytic": False,
+            "trials": "all" if budget.extras else "front",
+        },
         "run": {"n_trials": n_trials},
     }
     return parse_study(raw, Path.cwd())

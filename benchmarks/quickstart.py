@@ -73,12 +73,13 @@ def main() -> None:
             for name in order:
                 times[name].append(run_quickstart(versions[name]))
                 print(f"run {run + 1} {name}: {times[name][-1]}", flush=True)
-    print(f"\n| version | runs | trials | whole command (s) | trials alone (s) |\n|---|---|---|---|---|")
+    print("\n| version | runs | trials | whole command (s) | trials alone (s) |\n|---|---|---|---|---|")
     med = {}
     for name, rows in times.items():
         med[name] = {k: statistics.median(r[k] for r in rows) for k in ("command", "trials")}
         label = f"before ({args.before})" if name == "before" else "after (working tree)"
-        print(f"| {label} | {len(rows)} | {rows[0]['n']} | {med[name]['command']:.1f} | {med[name]['trials']:.1f} |")
+        command, trials = med[name]["command"], med[name]["trials"]
+        print(f"| {label} | {len(rows)} | {rows[0]['n']} | {command:.1f} | {trials:.1f} |")
     ratio = {k: med["after"][k] / med["before"][k] for k in ("command", "trials")}
     print(f"\nafter / before: whole command {ratio['command']:.2f}, trials alone {ratio['trials']:.2f}")
 

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress display")
     cli_worker.add_run_options(run)  # --workers K
 
-    cli_advisor.add_commands(sub)  # rank, report, pick, train, ui
+    cli_advisor.add_commands(sub)  # rank, report, certify, pick, train, ui
     cli_worker.add_commands(sub)  # worker
     return parser
 

@@ -1,6 +1,7 @@
-"""The advisor's commands — ``rank``, ``report``, ``pick``, ``train``, ``ui`` — registered on the
+"""The advisor's commands — ``rank``, ``report``, ``certify``, ``pick``, ``train``, ``ui`` — registered on the
 ``hsgd-tune`` parser by :mod:`hsgd_tune.cli`. Argument parsing and output only; the work happens in
-:mod:`ranking`, :mod:`report`, :mod:`pick` and :mod:`ui`, imported when a command runs.
+:mod:`ranking`, :mod:`report`, :mod:`certify`, :mod:`pick` and :mod:`ui`, imported when a command
+runs.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from hsgd_tune.config import OBJECTIVES
-from hsgd_tune.errors import ConfigError
+from hsgd_tune.errors import ConfigError, HsgdError
 
 RANK_HELP = """\
 Rank a study's trials and recommend one. Pareto ranks over the study's objectives (1 = the front, 2 =
@@ -24,10 +25,23 @@ Write the study's report: PNG plots (Pareto front, learning-rate × batch-size h
 decomposition, trajectories in 2-D, learning curves) and one HTML page with the ranking and the rank
 correlation between the bound and the generalization gap; logged to the study's parent MLflow run."""
 
+CERTIFY_HELP = """\
+Compute the PAC-Bayes certificate (and the tail-index and analytic diagnostics) of finished trials
+from what they recorded (trajectories.npz and model/ in their MLflow runs), log it to their runs and
+print it. By default a study certifies its Pareto front when its trials are done ([diagnostics]
+trials = "front"); this command certifies other trials too (default: the Pareto front). What is
+certified: certificate/bound bounds the expected error (0-1, or the clipped loss over B) of the
+stochastic predictor Q, weights drawn from N(μ, diag s²), not of the final weights; a PAC-Bayes-kl
+bound with a prior built from the reference run only. Each trial spends δ_t/2 of its δ_t = δ /
+max_trials on it, so all certificates of the study hold together with probability ≥ 1 − δ;
+choosing which trials to certify after seeing their results is therefore fine. A trial whose run
+already has a certificate is shown, not computed again."""
+
 PICK_HELP = """\
 Pick a trial (the recommended one by default): export it as a standalone study file with one value per
 hyperparameter (train it again with `hsgd-tune train`), log its model with MLflow's PyTorch flavour,
-register it in the Model Registry and point an alias (default: champion) at it."""
+register it in the Model Registry and point an alias (default: champion) at it. A trial without a
+PAC-Bayes certificate is certified first (see `hsgd-tune certify`), so the chosen model has one."""
 
 TRAIN_HELP = """\
 Train one configuration from a study file whose search space has one value per hyperparameter (as
@@ -65,6 +79,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--no-mlflow", action="store_true", help="do not log the report to the study's parent run"
     )
+
+    certify = sub.add_parser(
+        "certify", help="certify finished trials (PAC-Bayes certificate)", description=CERTIFY_HELP
+    )
+    _study_args(certify, rule=False)
+    which = certify.add_mutually_exclusive_group()
+    which.add_argument(
+        "--trials", metavar="N,M,...", help="trial numbers, separated by commas (default: the Pareto front)"
+    )
+    which.add_argument("--all", action="store_true", help="every finished trial")
 
     pick = sub.add_parser(
         "pick", help="export a trial's config and register its model", description=PICK_HELP
@@ -183,17 +207,74 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certify(args: argparse.Namespace) -> int:
+    from hsgd_tune.certify import (
+        certifiable,
+        certify,
+        complete_trials,
+        format_results,
+        front_trials,
+        has_work,
+    )
+    from hsgd_tune.ranking import load_ranking
+    from hsgd_tune.tracking import Tracker
+
+    numbers = _trial_numbers(args.trials) if args.trials is not None else None
+    ranking, cfg = load_ranking(args.study, args.storage)
+    study = ranking.study
+    if not has_work(cfg):
+        raise HsgdError(
+            f"study {study.study_name!r} has [certificate] enabled = false and no diagnostic on: "
+            "nothing to certify"
+        )
+    if numbers is None:
+        numbers = complete_trials(study) if args.all else front_trials(study)
+    for number in numbers:  # every mistake before the first line of output
+        certifiable(study, number)
+    which = "every finished trial" if args.all else "the Pareto front" if args.trials is None else "trials"
+    print(f"{study.study_name}: certifying {which} ({', '.join(map(str, numbers))})", flush=True)
+    lock = _study_lock(args, study, cfg)
+    results = certify(
+        study, cfg, Tracker(), numbers, on_trial=lambda r: print(r.line(), flush=True), lock=lock
+    )
+    max_trials = study.user_attrs["max_trials"]
+    print(f"\n{format_results(results)}\n")
+    print(
+        f"Each certificate bounds the expected error of the stochastic predictor Q; together they hold "
+        f"with probability ≥ 1 − {cfg.bound.delta:g} (δ split over max_trials = {max_trials})."
+    )
+    return 0
+
+
+def _trial_numbers(text: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 0:
+        raise ConfigError("--trials", "must be trial numbers separated by commas, e.g. 3,5", text)
+    return numbers
+
+
 def cmd_pick(args: argparse.Namespace) -> int:
     from hsgd_tune.pick import pick
 
     if args.trial is not None and args.trial < 0:
         raise ConfigError("--trial", "must be a trial number (0 or more)", args.trial)
     ranking, cfg = _ranking(args)
+    lock = _study_lock(args, ranking.study, cfg)
     for line in pick(
-        ranking, cfg, args.trial, args.out, args.model_name, args.alias, args.force, args.dry_run
+        ranking, cfg, args.trial, args.out, args.model_name, args.alias, args.force, args.dry_run, lock
     ):
         print(line)
     return 0
+
+
+def _study_lock(args: argparse.Namespace, study, cfg):
+    """The lock ``run`` takes on this study: its storage URL as ``load_ranking`` resolved it."""
+    from hsgd_tune.certify import study_lock
+
+    return study_lock(study, args.storage or (cfg.run.storage if cfg.source_file else None))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -210,4 +291,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return serve(args.study, args.storage, args.port, args.dashboard_port)
 
 
-COMMANDS = {"rank": cmd_rank, "report": cmd_report, "pick": cmd_pick, "train": cmd_train, "ui": cmd_ui}
+COMMANDS = {
+    "rank": cmd_rank,
+    "report": cmd_report,
+    "certify": cmd_certify,
+    "pick": cmd_pick,
+    "train": cmd_train,
+    "ui": cmd_ui,
+}

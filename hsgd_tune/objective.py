@@ -120,6 +120,21 @@ def certificate_delta(cfg: StudyConfig, max_trials: int) -> float:
     return cfg.bound.delta / max_trials / 2
 
 
+def trial_bound(cfg: StudyConfig, data: Dataset, run: TwinRun, max_trials: int) -> TrajectoryBound:
+    """The trajectory bound of a trained twin (DESIGN.md §2), on the recorded arrays."""
+    return trajectory_bound(
+        run.trajectories[S_RUN],
+        run.trajectories[H_RUN],
+        run.grad_norms,
+        train_risk_clipped=run.final["train/loss_clipped"],
+        n_train=len(data.train.y),
+        loss_clip=cfg.bound.loss_clip,
+        # With the certificate on, δ_t is split in half between the two statements (union bound).
+        delta=cfg.bound.delta / 2 if cfg.certificate.enabled else cfg.bound.delta,
+        max_trials=max_trials,
+    )
+
+
 def evaluate(
     cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials: int, diagnose: bool = False
 ) -> TrialOutcome:
@@ -131,17 +146,7 @@ def evaluate(
     spec = model_spec(cfg.model, data.n_features, data.n_outputs, model_knobs)
     run = train_twin(data, spec, settings)
     started = time.perf_counter()
-    bound = trajectory_bound(
-        run.trajectories[S_RUN],
-        run.trajectories[H_RUN],
-        run.grad_norms,
-        train_risk_clipped=run.final["train/loss_clipped"],
-        n_train=len(data.train.y),
-        loss_clip=cfg.bound.loss_clip,
-        # With the certificate on, δ_t is split in half between the two statements (union bound).
-        delta=cfg.bound.delta / 2 if cfg.certificate.enabled else cfg.bound.delta,
-        max_trials=max_trials,
-    )
+    bound = trial_bound(cfg, data, run, max_trials)
     run.seconds["bound"] = time.perf_counter() - started
     measured = None
     if cfg.diagnose_every_trial or diagnose:

@@ -10,7 +10,7 @@ alias (aliases, not the deprecated stages), so production loads ``models:/<name>
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import tempfile
 import warnings
@@ -56,10 +56,12 @@ def pick(
     alias: str,
     force: bool = False,
     dry_run: bool = False,
+    lock=None,
 ) -> list[str]:
-    """Export trial ``number`` (default: the recommended one), log and register its model, and set
-    ``alias`` on the new version. Everything is checked before anything is written; the exported
-    file appears only once the model is registered. Returns the lines to show the user."""
+    """Export trial ``number`` (default: the recommended one), certify it if it has no certificate
+    yet (``lock``: the study's, see certify.py), log and register its model, and set ``alias`` on the
+    new version. Everything is checked before anything is written; the exported file appears only
+    once the model is registered. Returns the lines to show the user."""
     number = ranking.recommended if number is None else number
     trial = ranking.trial(number)
     run_id = trial.user_attrs.get("mlflow_run_id")
@@ -87,8 +89,11 @@ def pick(
         if dry_run:
             return [
                 *lines,
+                certificate_line(ranking, cfg, tracker, number, dry_run=True),
                 f"would register the model of run {run_id} as {model_name!r} with alias {alias!r}",
             ]
+        # The model going to production gets its certificate, whatever the study's [diagnostics].
+        lines.append(certificate_line(ranking, cfg, tracker, number, lock=lock))
         version = register_model(tracker, run_id, model_name, alias, ranking.name, number)
         draft.replace(out)
     return [
@@ -96,6 +101,22 @@ def pick(
         f"registered {model_name!r} version {version} (run {run_id}) with alias {alias!r}",
         f"load it with: mlflow.pytorch.load_model('models:/{model_name}@{alias}')",
     ]
+
+
+def certificate_line(
+    ranking: Ranking, cfg: StudyConfig, tracker: Tracker, number: int, dry_run: bool = False, lock=None
+) -> str:
+    """The picked trial's certificate, computed first when its run has none (not in a dry run)."""
+    from hsgd_tune.certify import certify, recorded
+
+    if not cfg.certificate.enabled:
+        return f"no certificate for trial {number}: the study has [certificate] enabled = false"
+    found = recorded(ranking.study, tracker, number)
+    if found is None and dry_run:
+        return f"would certify trial {number} first (it has no certificate yet)"
+    if found is None:
+        found = certify(ranking.study, cfg, tracker, [number], lock=lock)[0]
+    return found.line() + (" — computed now" if found.computed and math.isfinite(found.bound) else "")
 
 
 def _params(params: dict[str, Any]) -> str:
@@ -140,16 +161,11 @@ def register_model(tracker: Tracker, run_id: str, name: str, alias: str, study: 
 
 def load_trial_model(tracker: Tracker, run_id: str):
     """The trial's final S-run model, rebuilt from ``model/spec.json`` and ``model/state_dict.pt``."""
-    import torch
-
-    from hsgd_tune.models import ModelSpec, build_model
+    from hsgd_tune.certify import read_model
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tracker.client.download_artifacts(run_id, "model", tmp))
-        spec = ModelSpec.from_dict(json.loads((folder / "spec.json").read_text()))
-        model = build_model(spec)
-        model.load_state_dict(torch.load(folder / "state_dict.pt", weights_only=True))
+        model, spec = read_model(Path(tracker.client.download_artifacts(run_id, "model", tmp)))
     return model.eval(), spec.n_features
 
 

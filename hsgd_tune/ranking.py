@@ -142,14 +142,7 @@ class Ranking:
 
     def trial(self, number: int) -> FrozenTrial:
         """The trial with this number; one clear error if the study has none, or it did not finish."""
-        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
-        if number not in trials:
-            raise HsgdError(f"study {self.name!r} has no trial {number} (trials are 0 to {len(trials) - 1})")
-        if trials[number].state != TrialState.COMPLETE:
-            raise HsgdError(
-                f"trial {number} of study {self.name!r} did not finish (state {trials[number].state.name})"
-            )
-        return trials[number]
+        return finished_trial(self.study, number)
 
     def summary(self) -> str:
         """One line: the recommended trial, its values and the rule that chose it."""
@@ -159,6 +152,18 @@ class Ranking:
         params = ", ".join(f"{k}={_short(v)}" for k, v in self.trial(self.recommended).params.items())
         values = ", ".join(f"{m}={row[m]:.4g}" for m in dict.fromkeys((self.rule.within, self.rule.prefer)))
         return f"Recommended: trial {self.recommended} ({params}; {values}): {rule_text(self.rule)}"
+
+
+def finished_trial(study: optuna.Study, number: int) -> FrozenTrial:
+    """Trial ``number`` of ``study``; one clear error if the study has none, or it did not finish."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    name = study.study_name
+    if number not in trials:
+        raise HsgdError(f"study {name!r} has no trial {number} (trials are 0 to {len(trials) - 1})")
+    if trials[number].state != TrialState.COMPLETE:
+        state = trials[number].state.name
+        raise HsgdError(f"trial {number} of study {name!r} did not finish (state {state})")
+    return trials[number]
 
 
 def _short(value) -> str:

@@ -1,4 +1,5 @@
-"""Running a study: check everything first, then create or resume it, then optimise with progress.
+"""Running a study: check everything first, then create or resume it, then optimise with progress,
+then certify the Pareto front (certify.py) unless every trial was certified already.
 
 Order matters for "bad input loses nothing": the study file, the data and the model are all checked
 before any Optuna study or MLflow run exists, so a mistake leaves no trace.
@@ -6,12 +7,16 @@ before any Optuna study or MLflow run exists, so a mistake leaves no trace.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hsgd_tune.certify import certify_front
 from hsgd_tune.config import StudyConfig
 from hsgd_tune.data import Dataset, load_dataset
 from hsgd_tune.errors import ConfigError, HsgdError
@@ -125,7 +130,18 @@ def run_study(
         display.close()
         stopped = interrupted or options.stop.is_set()
         close_parent(study, tracker, parent_id, study_metrics(study), cfg.run.n_trials, stopped)
+    if not options.stop.is_set():  # a worker asked to stop leaves it to the next run
+        # [diagnostics] trials = "front": the trials skipped the certificate; the front gets it now.
+        certify_front(study, cfg, tracker, data, lock, say=_say(progress, options), stop=options.stop)
     return RunSummary(cfg.name, ran, trials_done(study), cfg.run.n_trials, experiment_id, parent_id)
+
+
+def _say(progress: bool, options: WorkerOptions) -> Callable[[str], None] | None:
+    """Print as the trials' lines were printed: prefixed by the worker, plain, or not at all."""
+    if options.lines:
+        who = f"{socket.gethostname()}:{os.getpid()}"
+        return lambda line: print(f"[{who}] {line}", flush=True)
+    return (lambda line: print(line, flush=True)) if progress else None
 
 
 def study_metrics(study: optuna.Study) -> dict[str, float]:

@@ -202,8 +202,8 @@ def _running_trial_of(study: optuna.Study, pid: int, timeout: float = 120):
 
 
 def test_a_worker_killed_mid_trial_has_its_trial_failed_and_rerun(tmp_path, postgres, mlflow_server):
-    # Trials of a few seconds, so that the kill lands mid-trial.
-    study_file = _study_file(tmp_path, "killed", n_trials=6, steps=300)
+    # Trials long enough (about half a second each) that the kill lands mid-trial.
+    study_file = _study_file(tmp_path, "killed", n_trials=6, steps=6000)
     victim = _worker(study_file, postgres, mlflow_server, "--heartbeat", "1")
     study = _study_retrying(postgres, "killed")
     trial = _running_trial_of(study, victim.pid)
@@ -238,7 +238,8 @@ def _study_retrying(storage: str, name: str, timeout: float = 120) -> optuna.Stu
 
 def test_sigterm_finishes_the_running_trial_and_a_restarted_worker_continues(tmp_path):
     # Journal storage and the local MLflow store: workers on one machine.
-    study_file = _study_file(tmp_path, "term", n_trials=4, steps=200)
+    # Trials long enough (about half a second each) that the signal lands before the budget is met.
+    study_file = _study_file(tmp_path, "term", n_trials=4, steps=6000)
     journal = str(tmp_path / "mlruns" / "optuna-journal.log")
     worker = _worker(study_file, None, None)
     from hsgd_tune.study import open_storage

@@ -1,0 +1,229 @@
+"""Certificates after the study (hsgd_tune.certify): the same numbers as inside the trial, for the
+Pareto front by default, on request for other trials, once per trial; through `run`, `certify` and
+`pick`, on real Optuna journal files and real MLflow SQLite stores."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+from tiny_study import TINY_STUDY, write_tiny_study
+
+from hsgd_tune.certify import AFTER_STUDY, DIAGNOSTICS_TAG, certify, front_trials
+from hsgd_tune.cli import main
+from hsgd_tune.config import load_study
+from hsgd_tune.runner import run_study
+from hsgd_tune.study import open_storage
+from hsgd_tune.tracking import Tracker
+from hsgd_tune.worker import WorkerOptions
+
+# One objective, so the Pareto front is the best trial and the other four are not on it; a short
+# posterior fit and few noise draws keep each certificate well under a second.
+STUDY = (
+    TINY_STUDY
+    + """
+[objectives]
+minimize = ["val_loss"]
+
+[certificate]
+steps = 40
+mc_draws = 2
+
+[diagnostics]
+noise_draws = 16
+trials = "{trials}"
+"""
+)
+MEASURED = ("certificate/", "tail/", "analytic/")
+
+
+def run_tiny(
+    folder: Path, trials: str, progress: bool = False, text: str | None = None
+) -> tuple[Path, set[int], str]:
+    """Run the study (``text``, default STUDY) in ``folder`` with ``[diagnostics] trials``; its file,
+    the trials whose runs hold a certificate right after the run, and what the run printed."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        path = write_tiny_study(folder, text or STUDY.format(trials=trials))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            run_study(load_study(path), progress=progress)
+        done = {n for n, run in runs().items() if "certificate/bound" in run.data.metrics}
+    return path, done, out.getvalue()
+
+
+def study() -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=open_storage(None))
+
+
+def runs() -> dict:
+    """Trial number → its MLflow run, in the working directory's stores."""
+    client = Tracker().client
+    return {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in study().trials}
+
+
+def sampled(run) -> dict[str, str]:
+    return {k: v for k, v in run.data.params.items() if not k.startswith("config.")}
+
+
+def history(run, key: str = "certificate/bound") -> list:
+    return Tracker().client.get_metric_history(run.info.run_id, key)
+
+
+@pytest.fixture(scope="module")
+def every(tmp_path_factory, one_torch_thread):
+    """The study with a certificate inside every trial."""
+    return run_tiny(tmp_path_factory.mktemp("all"), "all")
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory, one_torch_thread):
+    """The same study (same seed, same sampled values) with the default: the front after the study."""
+    return run_tiny(tmp_path_factory.mktemp("front"), "front", progress=True)
+
+
+@pytest.fixture(scope="module")
+def none(tmp_path_factory, one_torch_thread):
+    """The same study again, certified only on request."""
+    return run_tiny(tmp_path_factory.mktemp("none"), "none")
+
+
+def enter(monkeypatch, path: Path) -> Path:
+    """Work in the study's folder with its default stores (``pick`` sets MLFLOW_TRACKING_URI)."""
+    monkeypatch.chdir(path.parent)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return path
+
+
+@pytest.fixture
+def in_none(none, monkeypatch):
+    return enter(monkeypatch, none[0])
+
+
+def off_front() -> list[int]:
+    """The finished trials not on the Pareto front (four of five here)."""
+    return sorted(set(range(len(study().trials))) - set(front_trials(study())))
+
+
+def test_after_the_study_gives_the_certificate_the_trial_would_have_logged(every, front, monkeypatch):
+    enter(monkeypatch, every[0])
+    inside = runs()
+    enter(monkeypatch, front[0])
+    # The rest of the trials too, through the API: five comparisons instead of one.
+    certify(study(), load_study(front[0]), Tracker(), range(len(study().trials)))
+    after = runs()
+    assert len(after) == len(inside) == 5
+    for number, run in after.items():
+        # The same seed samples the same values: the same trial, in two studies.
+        assert sampled(run) == sampled(inside[number]) and len(sampled(run)) == 2
+        measured = {k: v for k, v in run.data.metrics.items() if k.startswith(MEASURED)}
+        expected = {k: v for k, v in inside[number].data.metrics.items() if k.startswith(MEASURED)}
+        assert "certificate/bound" in measured and "tail/alpha" in measured
+        assert measured == expected  # exactly: same float32 weights, same seeds
+        assert run.data.tags[DIAGNOSTICS_TAG] == AFTER_STUDY
+        assert DIAGNOSTICS_TAG not in inside[number].data.tags
+
+
+def test_by_default_exactly_the_front_is_certified_after_the_run(front, monkeypatch):
+    path, done, printed = front
+    enter(monkeypatch, path)
+    (best,) = front_trials(study())
+    assert best == min(study().trials, key=lambda t: t.values[0]).number
+    assert done == {best}
+    assert f"certificate for trial {best}: " in printed
+
+
+def test_with_trials_none_nothing_is_certified(none):
+    assert none[1] == set()
+
+
+def test_certify_adds_a_trial_once(in_none, capsys):
+    number = off_front()[0]
+    assert "certificate/bound" not in runs()[number].data.metrics
+    assert main(["certify", str(in_none), "--trials", str(number)]) == 0
+    out = capsys.readouterr().out
+    assert f"certificate for trial {number}: " in out and "now" in out
+    assert main(["certify", "tiny", "--trials", str(number)]) == 0  # by name, the second time
+    assert "after the study" in capsys.readouterr().out
+    run = runs()[number]
+    assert len(history(run)) == 1 and len(history(run, "tail/alpha")) == 1
+    assert run.data.metrics["certificate/trivial"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trials", "99"], "has no trial 99"),
+        (["--trials", "2,x"], "--trials: must be trial numbers"),
+        (["--trials", "1", "--all"], None),  # argparse: not allowed together
+    ],
+)
+def test_a_bad_trial_is_one_line_without_a_traceback(in_none, capsys, args, message):
+    with contextlib.suppress(SystemExit):
+        assert main(["certify", str(in_none), *args]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if message is not None:
+        assert err.count("\n") == 1 and message in err
+    else:
+        assert "not allowed with argument" in err
+
+
+def test_a_trial_without_artifacts_is_one_line(in_none, capsys):
+    number = off_front()[-1]
+    run = runs()[number]
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    (artifacts / "trajectories.npz").unlink()
+    assert main(["certify", str(in_none), "--trials", str(number)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no trajectories.npz" in err
+    assert "certificate/bound" not in runs()[number].data.metrics
+
+
+def test_pick_certifies_the_picked_trial(in_none, capsys):
+    dry, picked = off_front()[1:3]
+    assert main(["pick", str(in_none), "--trial", str(dry), "--dry-run"]) == 0
+    assert f"would certify trial {dry} first" in capsys.readouterr().out
+    assert "certificate/bound" not in runs()[dry].data.metrics  # a dry run changes nothing
+    assert main(["pick", str(in_none), "--trial", str(picked), "--out", "picked.toml"]) == 0
+    out = capsys.readouterr().out
+    assert f"certificate for trial {picked}: " in out and "computed now" in out
+    run = runs()[picked]
+    assert len(history(run)) == 1 and run.data.tags["hsgd.registered_model"].startswith("hsgd-tiny/")
+
+
+def test_a_finished_study_run_again_certifies_its_front(in_none, capsys):
+    (in_none.parent / "again").mkdir()
+    cfg = load_study(write_tiny_study(in_none.parent / "again", STUDY.format(trials="front")))
+    (best,) = front_trials(study())
+    stopping = WorkerOptions(stop=threading.Event())
+    stopping.stop.set()
+    run_study(cfg, progress=False, worker=stopping)  # a worker told to stop leaves it to the next run
+    assert "certificate/bound" not in runs()[best].data.metrics
+    # A run another worker's writer is still finishing is left to that worker; asked for, one line.
+    client, run_id = Tracker().client, runs()[best].info.run_id
+    client.update_run(run_id, status="RUNNING")
+    run_study(cfg, progress=False)
+    assert "certificate/bound" not in runs()[best].data.metrics
+    assert main(["certify", str(in_none), "--trials", str(best)]) == 1
+    assert "still being written" in capsys.readouterr().err
+    client.update_run(run_id, status="FINISHED")
+    summary = run_study(cfg, progress=False)  # 0 trials left; the front still gets its certificate
+    assert summary.trials_run == 0
+    assert len(history(runs()[best])) == 1
+
+
+def test_a_sketched_trial_is_reported_as_not_certifiable(workdir, one_torch_thread):
+    text = STUDY.format(trials="front").replace("record_every = 20", "record_every = 20\nsketch_above = 100")
+    path, done, printed = run_tiny(
+        workdir, "front", progress=True, text=text.replace("n_trials = 5", "n_trials = 2")
+    )
+    (best,) = front_trials(study())
+    assert done == set()
+    assert f"certificate for trial {best}: skipped: trajectories are sketched" in printed
+    assert runs()[best].data.tags[DIAGNOSTICS_TAG].startswith("skipped")
