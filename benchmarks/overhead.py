@@ -4,13 +4,16 @@ For each batch size the same model (the quick-start MLP on digits, same steps) i
 
 - *plain*: one Optuna trial around an ``nn.Module`` + ``torch.optim.SGD`` loop (no twin, no bound,
   no MLflow) — what a user would run without the advisor;
-- *ours*: one Optuna trial of :class:`hsgd_tune.objective.Objective` (twin run, gradient norms, bound,
-  MLflow logging and artifacts into a temporary store),
+- *ours*: one trial of :class:`hsgd_tune.objective.Objective` in a study stored as the quick-start's
+  is (Optuna journal file, MLflow SQLite with artifacts, in a temporary folder): twin run, gradient
+  norms, bound, logging; the certificate and diagnostics as the quick-start has them (after the study,
+  for the Pareto front), and with ``--every-trial-diagnostics`` also inside every trial,
 
 interleaved repetition by repetition (these machines are noisy), and for 1 and 2 torch threads.
 Reports medians, the ratio ours/plain, the split of our trial (training, gradient norms, bound,
-logging), the bytes of recorded trajectories, and the old per-iterate ``vmap(grad)`` gradient norms
-next to the closed form on the same trajectories.
+logging, other = run creation, Optuna, sampling), bookkeeping (logging + other) as a share of our
+trial, the bytes of recorded trajectories, and the old per-iterate ``vmap(grad)`` gradient norms next
+to the closed form on the same trajectories.
 
     python benchmarks/overhead.py            # 1000 steps, 5 repetitions
     python benchmarks/overhead.py --quick    # 300 steps, 3 repetitions (a minute or two)
@@ -73,7 +76,7 @@ def plain_trial(data, spec, steps: int, batch_size: int, seed: int) -> float:
 
 def our_trial(cfg, data, tracker: Tracker, study: optuna.Study, batch_size: int) -> dict:
     """Seconds for one trial of our Objective in a journal-stored study (the quick-start's storage),
-    with its MLflow run, whose end the writer process logs meanwhile (``timing_split`` reads it)."""
+    and its MLflow run (``timing_split`` reads the split from it)."""
     exp = tracker.experiment_id(cfg.experiment_name)
     parent = tracker.open_parent(exp, cfg.name, params={}, tags={})
     objective = Objective(cfg, data, tracker, exp, parent, max_trials=cfg.max_trials)
@@ -163,8 +166,6 @@ def main() -> None:
         }
         plain: dict[tuple, list[float]] = {}
         ours: dict[tuple, list[dict]] = {}
-        writer = tracker.background()  # as in a study: trials hand their runs' ends to a writer process
-        writer.__enter__()
         for rep in range(repeats):
             for threads in [int(t) for t in args.threads.split(",")]:
                 torch.set_num_threads(threads)
@@ -178,16 +179,8 @@ def main() -> None:
                         else:
                             timed = our_trial(variants[who], data, tracker, studies[who], b)
                             ours.setdefault((who, threads, b), []).append(timed)
-        started = time.perf_counter()
-        writer.__exit__(None, None, None)
-        drain = time.perf_counter() - started
         ours = {key: [timing_split(tracker, t) for t in timed] for key, timed in ours.items()}
         print_table(plain, ours, list(variants))
-        n_trials = sum(len(t) for t in ours.values())
-        print(
-            f"\nwriter process: {drain:.2f} s to finish what was still queued after the last of "
-            f"{n_trials} trials (it keeps up when this is about one trial's logging)"
-        )
 
         # The gradient norms before and after: old per-iterate vmap(grad) vs closed form, same input.
         torch.set_num_threads(2)

@@ -125,12 +125,6 @@ def has_work(cfg: StudyConfig) -> bool:
     return cfg.certificate.enabled or diag.tail_index or diag.analytic or diag.fractal
 
 
-def being_written(run) -> bool:
-    """A finished trial's run stays RUNNING until its worker's writer process has logged its
-    artifacts and metrics (writer.py); only then can it be certified."""
-    return run.info.status == "RUNNING"
-
-
 def is_done(run) -> bool:
     """The run already holds its trial's certificate/diagnostics (from the trial, or from here)."""
     return any(k in run.data.metrics for k in DONE_METRICS) or DIAGNOSTICS_TAG in run.data.tags
@@ -172,11 +166,6 @@ def certify(
             if is_done(run):
                 results.append(_found(trial.number, run))
                 continue
-            if being_written(run):
-                raise HsgdError(
-                    f"trial {trial.number}'s MLflow run {run_id} is still being written by its worker; "
-                    "try again in a moment"
-                )
             if data is None:
                 from hsgd_tune.runner import prepare  # runner imports this module
 
@@ -317,9 +306,7 @@ def certify_front(
     if cfg.diagnostics.trials != "front" or cfg.diagnose_every_trial or not has_work(cfg):
         return []
     runs = {n: _get_run(tracker, n, _run_id(study, n)) for n in front_trials(study)}
-    # A run still being written belongs to another worker, which certifies it once its writer is
-    # done (a trial off the front never joins it later, so no front trial is missed).
-    pending = [n for n, run in runs.items() if not is_done(run) and not being_written(run)]
+    pending = [n for n, run in runs.items() if not is_done(run)]
     if not pending:
         return []
     if say is not None:

@@ -183,6 +183,10 @@ def write_artifacts(outcome: TrialOutcome, folder: Path) -> None:
     )
 
 
+#: Diagnostics kept in the Optuna trial too when measured inside it (report.py draws a heatmap of α̂).
+SUMMARY_MEASURES = ("certificate/bound", "tail/alpha")
+
+
 class Objective:
     """The function Optuna calls: one trial, logged to its own MLflow child run."""
 
@@ -226,12 +230,16 @@ class Objective:
             trial.set_user_attr(key, value)
         for key in ("val/loss", "val/error", "train/loss"):
             trial.set_user_attr(key, outcome.run.final[key])
+        measured = outcome.measured.metrics if outcome.measured is not None else {}
+        for key in SUMMARY_MEASURES:  # for rank and report, when the trial measured them itself
+            if math.isfinite(measured.get(key, math.nan)):
+                trial.set_user_attr(key, measured[key])
         curves = {name: (outcome.run.record_steps, values) for name, values in outcome.run.curves.items()}
         artifacts = Path(tempfile.mkdtemp(prefix="hsgd-trial-"))  # deleted once logged
         write_artifacts(outcome, artifacts)
         # Final metrics sit at the last step, where the val/loss curve ends at the same value.
-        # time/logging_s is this trial's share: what it spent here before handing the rest over
-        # (to the writer process in a study; benchmarks/overhead.py times the whole).
+        # time/logging_s cannot include the batch that carries it: it is the logging before it
+        # (benchmarks/overhead.py times the whole trial).
         metrics = {**outcome.metrics(), "time/logging_s": time.perf_counter() - started}
         self.tracker.finish_trial(
             run_id, "COMPLETE", outcome.tags(), metrics, outcome.settings.steps, curves, artifacts

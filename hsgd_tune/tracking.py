@@ -6,7 +6,6 @@ sent in batches: a trial makes a handful of round trips, not one per step (DESIG
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -25,7 +24,6 @@ from mlflow.utils.validation import (
 )
 
 from hsgd_tune.errors import StorageError
-from hsgd_tune.writer import BackgroundWriter, FinishJob
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 LOCAL_ARTIFACT_ROOT = Path("mlruns/artifacts")
@@ -75,7 +73,6 @@ class Tracker:
             # first directory's database while Optuna's journal follows the new directory.
             self.uri = f"sqlite:///{LOCAL_ARTIFACT_ROOT.parent.resolve() / 'mlflow.db'}"
         self.client = MlflowClient(self.uri)
-        self.writer: BackgroundWriter | None = None
         # MLflow announces creating and migrating its database at INFO; users need not see it.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
@@ -156,40 +153,14 @@ class Tracker:
         artifacts: Path | None = None,
     ) -> None:
         """Log the trial's last values with its Optuna state and end the run with the matching
-        status (FAIL → FAILED, PRUNED → KILLED); ``artifacts``: a folder to log, then delete.
-        Inside :meth:`background` this only queues the work for the writer process."""
-        job = FinishJob(
-            run_id, state, dict(tags or {}), dict(metrics or {}), step, dict(curves or {}), artifacts
-        )
-        if self.writer is not None:
-            self.writer.submit(job)
-        else:
-            self.finish_now(job)
-
-    def finish_now(self, job: FinishJob) -> None:
-        """Three round trips for a whole trial: artifacts, one batch, the status."""
-        if job.artifacts is not None:
-            self.log_artifacts(job.run_id, job.artifacts)
-            shutil.rmtree(job.artifacts, ignore_errors=True)
-        tags = {**job.tags, STATE_TAG: job.state}
-        self.log(job.run_id, metrics=job.metrics, step=job.step, curves=job.curves, tags=tags)
-        self.client.set_terminated(job.run_id, status=RUN_STATUS[job.state])
-
-    @contextlib.contextmanager
-    def background(self) -> Iterator[None]:
-        """Finish trial runs in a child process (writer.py) until the block ends, then wait for
-        every queued run to be written."""
-        writer = self.writer = BackgroundWriter(self.uri)
-        try:
-            yield
-        finally:
-            self.writer = None
-            writer.close()
-
-    @property
-    def pending_runs(self) -> set[str]:
-        """Runs this process's writer has been given to end (they may look RUNNING a while)."""
-        return set(self.writer.pending) if self.writer is not None else set()
+        status (FAIL → FAILED, PRUNED → KILLED): three round trips for a whole trial (artifacts,
+        one batch, the status). ``artifacts``: a folder to log, then delete."""
+        if artifacts is not None:
+            self.log_artifacts(run_id, artifacts)
+            shutil.rmtree(artifacts, ignore_errors=True)
+        tags = {**(tags or {}), STATE_TAG: state}
+        self.log(run_id, metrics=metrics, step=step, curves=curves, tags=tags)
+        self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
     def trial_runs(self, experiment_id: str, study: str) -> dict[int, Any]:
         """Trial number → run, for every child run of the study."""

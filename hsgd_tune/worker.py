@@ -209,14 +209,10 @@ def fail_dead_runs(study: optuna.Study, tracker: Tracker, experiment_id: str) ->
     if not runs:
         return 0
     states = {t.number: t for t in study.get_trials(deepcopy=False)}
-    ours = tracker.pending_runs  # their ends are already queued in this process's writer
     fixed = 0
     for run in runs:
-        if run.info.run_id in ours:
-            continue
         trial = states.get(int(run.data.tags[TRIAL_TAG]))
-        # A COMPLETE trial's run is ended by its own worker's writer, just after the trial.
-        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE):
+        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
         reason = trial.user_attrs.get("fail_reason", "its worker died before the trial ended; re-run")
         tracker.finish_trial(run.info.run_id, trial.state.name, tags={"hsgd.fail_reason": reason})
@@ -249,15 +245,6 @@ def run_trials(
     """Run trials until the study has ``budget`` finished ones (or timeout, or stop); return how
     many this worker ran. A worker without a free slot waits rather than leaves: another worker's
     last trial may still die, and then this one re-runs it."""
-    with tracker.background():  # each trial's MLflow run is finished while the next one trains
-        return _run_until_done(
-            study, objective, budget, lock, tracker, experiment_id, options, timeout, on_trial
-        )
-
-
-def _run_until_done(
-    study, objective, budget, lock, tracker, experiment_id, options, timeout, on_trial
-) -> int:
     started, ran = time.monotonic(), 0
     while not options.stop.is_set():
         if timeout is not None and time.monotonic() - started > timeout:

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from tiny_study import run_tiny_study
+from tiny_study import TINY_STUDY, run_tiny_study, write_tiny_study
 
 from hsgd_tune.cli import main
 from hsgd_tune.correlation import kendall_tau
@@ -108,3 +108,21 @@ def test_report_of_unknown_study_writes_nothing(in_tiny, capsys):
     assert main(["report", "nope", "--out", "nothing"]) == 1
     assert "no study named 'nope'" in capsys.readouterr().err
     assert not (in_tiny.parent / "nothing").exists()
+
+
+def test_tail_index_heatmap_when_every_trial_measures_it(tmp_path, monkeypatch, one_torch_thread):
+    from hsgd_tune.config import load_study
+    from hsgd_tune.runner import run_study
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    text = TINY_STUDY.replace(
+        "[sampler]", '[certificate]\nenabled = false\n[diagnostics]\ntrials = "all"\n[sampler]'
+    )
+    path = write_tiny_study(tmp_path, text)
+    run_study(load_study(path), progress=False)
+    ranking, _ = load_ranking(str(path))
+    alphas = [t.user_attrs["tail/alpha"] for t in ranking.study.trials]
+    assert len(alphas) == 5 and all(0 < a <= 2 for a in alphas)
+    assert main(["report", str(path), "--out", "rep", "--no-mlflow"]) == 0
+    assert (tmp_path / "rep" / "heatmap_tail_index.png").read_bytes().startswith(b"\x89PNG")
