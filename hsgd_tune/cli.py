@@ -85,18 +85,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{summary.study}: {summary.trials_done}/{summary.budget} trials finished "
         f"({summary.trials_run} this run). Ranking: hsgd-tune rank {args.study}"
     )
-    _print_ranking(cfg.name, cfg.run.storage)
+    _print_ranking(cfg)
     return 0
 
 
-def _print_ranking(name: str, storage_url: str | None) -> None:
-    from hsgd_tune.ranking import format_table, trials_table
+def _print_ranking(cfg) -> None:
+    from hsgd_tune.ranking import format_table, study_certificates, trials_table, with_certificates
     from hsgd_tune.study import lookup_study, storage_description
+    from hsgd_tune.tracking import Tracker
 
+    name, storage_url = cfg.name, cfg.run.storage
     study = lookup_study(storage_url, name)
     if study is None:
         raise HsgdError(f"no study named {name!r} in {storage_description(storage_url)}")
-    table = trials_table(study)
+    table = with_certificates(trials_table(study), study_certificates(study, Tracker(), cfg.experiment_name))
     if table.empty:
         print(f"{name}: no trials yet")
         return

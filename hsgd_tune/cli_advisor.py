@@ -7,6 +7,7 @@ runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from hsgd_tune.config import OBJECTIVES
@@ -161,16 +162,20 @@ def _ranking(args: argparse.Namespace):
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from hsgd_tune.ranking import render, write_to_mlflow
+    from hsgd_tune.ranking import render, study_certificates, with_certificates, write_to_mlflow
     from hsgd_tune.tracking import Tracker
 
     fmt = args.format or _format_from_suffix(args.out)
-    ranking, _ = _ranking(args)
+    ranking, cfg = _ranking(args)
+    tracker = None if args.no_mlflow else Tracker()
+    if tracker is not None:  # certificates computed after the study live in MLflow only
+        certificates = study_certificates(ranking.study, tracker, cfg.experiment_name)
+        ranking = dataclasses.replace(ranking, table=with_certificates(ranking.table, certificates))
     text = render(ranking, fmt)
     if args.out is not None:
         write_text_atomically(args.out, text)
-    if not args.no_mlflow:
-        write_to_mlflow(ranking, Tracker())
+    if tracker is not None:
+        write_to_mlflow(ranking, tracker)
     if args.out is None:
         print(text, end="")
     else:

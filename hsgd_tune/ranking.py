@@ -21,6 +21,8 @@ from hsgd_tune.study import FAIL_REASON, lookup_study, storage_description
 from hsgd_tune.studyfile import config_from_dict
 from hsgd_tune.tracking import Tracker
 
+CERTIFICATE = "certificate/bound"
+
 #: Bound terms shown next to the objectives (from the trials' user attributes).
 BOUND_COLUMNS = (
     "bound/decoupling_distance",
@@ -57,6 +59,27 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return table.sort_values(["pareto_rank", objectives[0], "trial"], na_position="last").reset_index(
         drop=True
     )
+
+
+def study_certificates(study: optuna.Study, tracker: Tracker, experiment: str) -> dict[int, float]:
+    """Trial number → ``certificate/bound`` for the trials whose MLflow run has one (computed in
+    the trial, or after the study: then only MLflow has it, not the Optuna trial)."""
+    experiment_id = tracker.experiment_id(experiment, create=False)
+    if experiment_id is None:
+        return {}
+    runs = tracker.trial_runs(experiment_id, study.study_name)
+    return {n: r.data.metrics[CERTIFICATE] for n, r in runs.items() if CERTIFICATE in r.data.metrics}
+
+
+def with_certificates(table: pd.DataFrame, certificates: dict[int, float]) -> pd.DataFrame:
+    """``table`` with a ``certificate`` column before ``pareto_rank`` (NaN for trials without one),
+    unless no trial has one or the certificate is an objective (a column already)."""
+    if not certificates or "certificate" in table or table.empty:
+        return table
+    table = table.copy()
+    column = table["trial"].map(certificates).astype(float)
+    table.insert(table.columns.get_loc("pareto_rank"), "certificate", column)
+    return table
 
 
 def pareto_ranks(values: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ HEATMAPS = {
     "val/loss": ("val_loss", "validation loss"),
     "bound/risk_bound": ("risk_bound", "risk bound"),
     "bound/decoupling_distance": ("decoupling_distance", "decoupling distance D"),
-    "tail/alpha": ("tail_index", "tail index α̂ ([diagnostics] trials = \"all\")"),
+    "tail/alpha": ("tail_index", 'tail index α̂ ([diagnostics] trials = "all")'),
 }
 #: Measures whose rank agreement with the gap is reported; the last two are baselines (DESIGN.md §2).
 MEASURES = ("bound/risk_bound", "bound/gap_bound", "bound/decoupling_distance", "lr/b", "val/loss")

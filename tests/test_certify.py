@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import threading
 from pathlib import Path
 
@@ -219,3 +220,17 @@ def test_a_sketched_trial_is_reported_as_not_certifiable(workdir, one_torch_thre
     assert done == set()
     assert f"certificate for trial {best}: skipped: trajectories are sketched" in printed
     assert runs()[best].data.tags[DIAGNOSTICS_TAG].startswith("skipped")
+
+
+def test_rank_shows_the_certificates_computed_after_the_study(in_none, capsys):
+    number = off_front()[0]
+    assert main(["certify", str(in_none), "--trials", str(number)]) == 0
+    capsys.readouterr()
+    assert main(["rank", str(in_none), "--format", "json"]) == 0
+    rows = {row["trial"]: row["certificate"] for row in json.loads(capsys.readouterr().out)["trials"]}
+    logged = {n: run.data.metrics.get("certificate/bound") for n, run in runs().items()}
+    assert rows.keys() == logged.keys() and logged[number] is not None
+    for n, value in logged.items():  # the value MLflow holds, or none for a trial without one
+        assert rows[n] == (pytest.approx(value, rel=1e-9) if value is not None else None)
+    assert main(["rank", str(in_none), "--no-mlflow"]) == 0  # without MLflow, no such column
+    assert "certificate" not in capsys.readouterr().out
