@@ -88,7 +88,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     stop = GracefulStop(threading.Event()).install()
-    options = WorkerOptions(stop=stop.event, lines=True)
+    options = WorkerOptions(stop=stop.event, lines=True, shared=True)
     if args.heartbeat is not None:
         options.heartbeat = args.heartbeat
     summary = run_study(cfg, progress=False, worker=options)

@@ -8,6 +8,7 @@ before any Optuna study or MLflow run exists, so a mistake leaves no trace.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -99,7 +100,8 @@ def run_study(
         tracker = tracker or Tracker()  # creating a local MLflow database must not race either
         check_tracking(tracker.uri)
         experiment_id = tracker.experiment_id(cfg.experiment_name)
-        study = create_or_resume(cfg, storage)
+        entropy = secrets.randbits(63) if options.shared else None  # see WorkerOptions.shared
+        study = create_or_resume(cfg, storage, entropy)
         max_trials = study.user_attrs["max_trials"]
         parent_id = open_parent_once(
             study,

@@ -47,10 +47,14 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> BaseStorage:
         raise StorageError(f"Optuna storage {url!r} cannot be used: {str(exc).splitlines()[0]}") from None
 
 
-def make_sampler(cfg: StudyConfig, n_existing: int) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    cfg: StudyConfig, n_existing: int, worker_entropy: int | None = None
+) -> optuna.samplers.BaseSampler:
     """The study's sampler. The seed moves on with the trials already run, so a resumed study does
-    not propose its first random points again."""
-    seed = int(np.random.SeedSequence([cfg.seed, n_existing]).generate_state(1)[0])
+    not propose its first random points again; ``worker_entropy`` (one value per worker process)
+    keeps workers that join a study at the same moment from proposing the same points."""
+    words = [cfg.seed, n_existing] + ([worker_entropy] if worker_entropy is not None else [])
+    seed = int(np.random.SeedSequence(words).generate_state(1)[0])
     kind = cfg.sampler.kind
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -112,8 +116,11 @@ def find_study(storage: BaseStorage, name: str) -> optuna.Study | None:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def create_or_resume(cfg: StudyConfig, storage: BaseStorage) -> optuna.Study:
-    """Create the study, or resume it when the same config made it; refuse a changed config."""
+def create_or_resume(
+    cfg: StudyConfig, storage: BaseStorage, worker_entropy: int | None = None
+) -> optuna.Study:
+    """Create the study, or resume it when the same config made it; refuse a changed config.
+    ``worker_entropy``: see :func:`make_sampler` (None for a study run by one process)."""
     study = find_study(storage, cfg.name)
     if study is None:
         study = optuna.create_study(
@@ -128,7 +135,7 @@ def create_or_resume(cfg: StudyConfig, storage: BaseStorage) -> optuna.Study:
             study.set_user_attr("objectives", list(cfg.objectives))
             study.set_user_attr("config", json.dumps(cfg.to_dict()))
     _check_resumable(cfg, study)
-    study.sampler = make_sampler(cfg, len(study.trials))
+    study.sampler = make_sampler(cfg, len(study.trials), worker_entropy)
     return study
 
 

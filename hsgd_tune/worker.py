@@ -65,6 +65,9 @@ class WorkerOptions:
     heartbeat: int = HEARTBEAT_S
     stop: threading.Event = field(default_factory=threading.Event)  # set: no new trial starts
     lines: bool = False  # one log line per trial (for workers whose output goes to a file)
+    #: Other workers may run the study at the same time: seed this one's sampler apart from theirs
+    #: (else workers that start together propose the same points). Sampling is then not repeatable.
+    shared: bool = False
 
 
 # -- storage ----------------------------------------------------------------------------------

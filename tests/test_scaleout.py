@@ -281,6 +281,8 @@ def test_run_with_two_local_workers_meets_the_budget_exactly(workdir, capsys):
     assert _count(study, TrialState.COMPLETE) == 6 and len(study.trials) == 6
     pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
     assert os.getpid() not in pids  # the trials ran in the worker processes
+    # Workers that start together are seeded apart: no point is proposed twice (TPE starts random).
+    assert len({t.params["learning_rate"] for t in study.trials}) == 6
     assert "pair: 6/6 trials finished (6 this run)" in capsys.readouterr().out
 
 
