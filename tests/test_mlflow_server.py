@@ -73,6 +73,11 @@ def test_ranks_and_champion_are_visible_through_the_rest_api(server, tmp_path, m
         assert (rank == "1") == (trial.number in front), (trial.number, rank)
     recommended = [run_id for run_id, t in tags.items() if t["hsgd.recommended"] == "true"]
     assert len(recommended) == 1
+    # The front was certified after the study from artifacts downloaded through the server.
+    metrics = {r["info"]["run_id"]: {m["key"] for m in r["data"].get("metrics", [])} for r in found}
+    for trial in study.trials:
+        certified = "certificate/bound" in metrics[trial.user_attrs["mlflow_run_id"]]
+        assert certified == (trial.number in front or trial.user_attrs["mlflow_run_id"] in recommended)
 
     alias = requests.get(
         f"{api}/registered-models/alias", params={"name": "hsgd-tiny", "alias": "champion"}, timeout=30
