@@ -45,7 +45,7 @@ from hsgd_tune.diagnostics import measure
 from hsgd_tune.errors import ConfigError, HsgdError
 from hsgd_tune.models import ModelSpec, build_model, count_parameters
 from hsgd_tune.objective import certificate_delta, train_settings, trial_bound
-from hsgd_tune.ranking import finished_trial, trials_table
+from hsgd_tune.ranking import CERTIFICATE, finished_trial, trials_table
 from hsgd_tune.tracking import Tracker
 from hsgd_tune.training import TwinRun
 from hsgd_tune.worker import StudyLock
@@ -54,7 +54,7 @@ from hsgd_tune.worker import StudyLock
 DIAGNOSTICS_TAG = "hsgd.diagnostics"
 AFTER_STUDY = "after the study"
 #: Any of these on a run means measure() already ran for its trial (inside it, or after the study).
-DONE_METRICS = ("certificate/bound", "time/diagnostics_s")
+DONE_METRICS = (CERTIFICATE, "time/diagnostics_s")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Certified:
 
     @property
     def bound(self) -> float:
-        return self.metrics.get("certificate/bound", math.nan)
+        return self.metrics.get(CERTIFICATE, math.nan)
 
     @property
     def trivial(self) -> float:

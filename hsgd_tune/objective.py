@@ -135,11 +135,9 @@ def trial_bound(cfg: StudyConfig, data: Dataset, run: TwinRun, max_trials: int) 
     )
 
 
-def evaluate(
-    cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials: int, diagnose: bool = False
-) -> TrialOutcome:
+def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials: int) -> TrialOutcome:
     """Train both runs with ``params`` and compute the trajectory bound (DESIGN.md §2); the
-    certificate and diagnostics too when the study asks for them in every trial, or ``diagnose``."""
+    certificate and diagnostics too when the study asks for them in every trial (else certify.py)."""
     settings = train_settings(cfg, params)
     trainer_knobs = ("learning_rate", "batch_size", *TRAINING_KNOBS, *NOISE_KNOBS)
     model_knobs = {k: v for k, v in params.items() if k not in trainer_knobs}
@@ -149,7 +147,7 @@ def evaluate(
     bound = trial_bound(cfg, data, run, max_trials)
     run.seconds["bound"] = time.perf_counter() - started
     measured = None
-    if cfg.diagnose_every_trial or diagnose:
+    if cfg.diagnose_every_trial:
         started = time.perf_counter()
         measured = measure(
             cfg, data, settings, run, bound, delta_certificate=certificate_delta(cfg, max_trials)
@@ -183,8 +181,9 @@ def write_artifacts(outcome: TrialOutcome, folder: Path) -> None:
     )
 
 
-#: Diagnostics kept in the Optuna trial too when measured inside it (report.py draws a heatmap of α̂).
-SUMMARY_MEASURES = ("certificate/bound", "tail/alpha")
+#: Diagnostics kept in the Optuna trial too when measured inside it (report.py draws a heatmap of α̂;
+#: the certificate is read from MLflow, where certificates computed after the study also are).
+SUMMARY_MEASURES = ("tail/alpha",)
 
 
 class Objective:

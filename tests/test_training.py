@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import textwrap
 
 import numpy as np
@@ -207,16 +208,7 @@ def test_regression_twin_equals_two_plain_sgd_loops():
 
 def test_same_split_as_s_and_h_gives_identical_trajectories(user_spec):
     data = make_data()
-    twin_data = Dataset(
-        train=data.train,
-        reference=data.train,
-        val=data.val,
-        test=None,
-        task=data.task,
-        n_features=D,
-        n_outputs=K,
-        description="S == H",
-    )
+    twin_data = dataclasses.replace(data, reference=data.train, description="S == H")
     for spec in (BUILTIN, user_spec):
         run = train_twin(twin_data, spec, settings())
         assert np.abs(run.trajectories[S_RUN] - run.trajectories[H_RUN]).max() == 0.0
@@ -309,16 +301,7 @@ def test_nan_data_raises_diverged_error():
     data = make_data()
     x = data.train.x.copy()
     x[0, 0] = np.nan
-    bad = Dataset(
-        train=Split(x, data.train.y),
-        reference=data.reference,
-        val=data.val,
-        test=None,
-        task=data.task,
-        n_features=D,
-        n_outputs=K,
-        description="S with a NaN",
-    )
+    bad = dataclasses.replace(data, train=Split(x, data.train.y), description="S with a NaN")
     with pytest.raises(DivergedError) as info:
         train_twin(bad, BUILTIN, settings())
     assert "empirical" in info.value.reason
