@@ -340,6 +340,8 @@ def certificate_statement(cfg: StudyConfig, study, number: int, candidate: Candi
         f"{metrics.get('certificate/trivial', math.nan):.3g}). It is about Q, whose weights are drawn afresh "
         "for each prediction, not about the deterministic weights this version serves."
     )
+    if run.data.tags.get("hsgd.vacuous.certificate") == "true":
+        statement += " This certificate is vacuous: it does not beat guessing (or 0.5)."
     certified = [  # every other certified number, with what it rests on (its hsgd.assumption tag)
         f"{k} = {v:.4g}: {run.data.tags[f'hsgd.assumption.{k}']}"
         for k, v in sorted(metrics.items())

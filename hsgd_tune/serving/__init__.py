@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +40,8 @@ def log_predictor(model: torch.nn.Module, spec: ModelSpec, data: Dataset, regist
     ``ModelInfo`` (``registered_model_version`` names the version)."""
     import mlflow
 
+    # MLflow checks the input example by loading the model back: no progress bar for that.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="hsgd-model-") as tmp:
         folder = Path(tmp)
         torch.save(model.state_dict(), folder / "state_dict.pt")
@@ -65,24 +69,26 @@ def signature(data: Dataset):
     """Inputs: one named column per feature, any numeric type (MLflow would refuse integer columns
     for a ``double`` column, e.g. a JSON request of whole numbers; the predictor checks each value).
     Outputs: ``prediction`` (a class label or the target in its units) and, for classification,
-    ``probability[<label>]`` per class."""
-    from mlflow.models import ModelSignature, infer_signature
+    ``probability[<label>]`` per class (as predictor.probability_column names them; predictor.py is
+    not imported here, since importing it sets MLflow's model-from-code global)."""
+    from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     inputs = Schema([ColSpec(AnyType(), name) for name in data.feature_names])
-    return ModelSignature(inputs=inputs, outputs=infer_signature(None, example_output(data)).outputs)
-
-
-def example_output(data: Dataset) -> pd.DataFrame:
-    """One row shaped like the predictor's answer (predictor.py, not imported here: importing it
-    sets MLflow's model-from-code global)."""
     if data.task == "regression":
-        return pd.DataFrame({"prediction": [data.y_mean]})
-    classes = pd.Series(list(data.classes))
-    frame = pd.DataFrame({"prediction": classes.iloc[:1].to_numpy()})
-    for label in classes:
-        frame[f"probability[{label}]"] = [1.0 / len(classes)]  # predictor.probability_column
-    return frame
+        return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double", "prediction")]))
+    outputs = [ColSpec(_label_type(data.classes), "prediction")]
+    outputs += [ColSpec("double", f"probability[{label}]") for label in data.classes]
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs))
+
+
+def _label_type(classes: tuple) -> Any:
+    """MLflow's type for the original labels (all of one Python type), else any."""
+    from mlflow.types.schema import AnyType
+
+    by_type = {bool: "boolean", int: "long", float: "double", str: "string"}
+    kinds = {by_type.get(type(c)) for c in classes}
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else AnyType()
 
 
 def input_example(data: Dataset) -> pd.DataFrame:
