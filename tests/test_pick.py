@@ -265,6 +265,10 @@ def test_dry_run_changes_nothing(in_tiny, capsys):
     out = capsys.readouterr().out
     assert "would export dry.toml" in out and "would register" in out
     assert not (in_tiny.parent / "dry.toml").exists()
+    assert main(["pick", str(in_tiny), "--dry-run", "--refit", "--out", "dry.toml"]) == 0
+    out = capsys.readouterr().out
+    assert "retrained on S ∪ H ∪ V" in out and "do not cover" in out
+    assert not (in_tiny.parent / "dry.toml").exists()
     assert len(client.search_model_versions("name = 'hsgd-tiny'")) == before
 
 
