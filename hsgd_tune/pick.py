@@ -119,14 +119,16 @@ def pick(
         if dry_run:
             first = REFIT_LINE if refit else certificate_line(ranking, cfg, tracker, number, dry_run=True)
             return [*lines, first, f"would register {what} as {model_name!r} with alias {alias!r}"]
-        # The S-model going to production gets its certificate, whatever the study's [diagnostics].
-        lines.append(REFIT_LINE if refit else certificate_line(ranking, cfg, tracker, number, lock=lock))
         from hsgd_tune.runner import prepare  # runner imports certify, which imports ranking
 
         data = prepare(cfg)
-        candidate = (
-            refit_candidate(cfg, data, trial.params) if refit else trial_candidate(tracker, data, trial)
-        )
+        if refit:
+            lines.append(REFIT_LINE)
+            candidate = refit_candidate(cfg, data, trial.params)
+        else:
+            candidate = trial_candidate(tracker, data, trial)
+            # The S-model going to production gets its certificate, whatever the study's [diagnostics].
+            lines.append(certificate_line(ranking, cfg, tracker, number, lock=lock, data=data))
         version, lineage_run = register(tracker, ranking, cfg, number, candidate, model_name, alias)
         draft.replace(out)
     return [
@@ -138,13 +140,19 @@ def pick(
 
 
 REFIT_LINE = (
-    "refit: training the configuration on S ∪ H ∪ V; the trial's certificates are about its S-model "
-    "and do not cover the refitted model"
+    "refit: the configuration is trained again on S ∪ H ∪ V; the trial's certificates are about its "
+    "S-model and do not cover the refitted model"
 )
 
 
 def certificate_line(
-    ranking: Ranking, cfg: StudyConfig, tracker: Tracker, number: int, dry_run: bool = False, lock=None
+    ranking: Ranking,
+    cfg: StudyConfig,
+    tracker: Tracker,
+    number: int,
+    dry_run: bool = False,
+    lock=None,
+    data: Dataset | None = None,
 ) -> str:
     """The picked trial's certificate, computed first when its run has none (not in a dry run)."""
     from hsgd_tune.certify import certify, recorded
@@ -155,7 +163,7 @@ def certificate_line(
     if found is None and dry_run:
         return f"would certify trial {number} first (it has no certificate yet)"
     if found is None:
-        found = certify(ranking.study, cfg, tracker, [number], lock=lock)[0]
+        found = certify(ranking.study, cfg, tracker, [number], data=data, lock=lock)[0]
     return found.line() + (" — computed now" if found.computed and math.isfinite(found.bound) else "")
 
 
@@ -176,24 +184,20 @@ class Candidate:
     spec: ModelSpec
     data: Dataset  # its preprocessing ships with the model
     refit: bool
-    trial_run: Any  # the trial's MLflow run (certificates, lineage)
-    metrics: dict[str, float]  # logged to the lineage run
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # for the lineage run
 
 
 def trial_candidate(tracker: Tracker, data: Dataset, trial) -> Candidate:
     """The trial's final S-run model, checked against today's data: the preprocessing shipped with
     it must be the one it was trained with (a CSV edited since would silently shift every input)."""
-    run = tracker.client.get_run(trial.user_attrs["mlflow_run_id"])
-    model, spec = load_trial_model(tracker, run.info.run_id)
+    model, spec = load_trial_model(tracker, trial.user_attrs["mlflow_run_id"])
     then, now = trial.user_attrs["val/loss"], _loss(model, data.val, data.task)
     if not math.isclose(now, then, rel_tol=1e-4, abs_tol=1e-6):
         raise HsgdError(
             f"the data ({data.description}) changed since trial {trial.number} was trained: its "
             f"model's validation loss is {now:.6g} on today's rows, {then:.6g} when it was trained"
         )
-    shown = ("train/", "val/", "bound/risk_bound", "certificate/")
-    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(shown)}
-    return Candidate(model, spec, data, refit=False, trial_run=run, metrics=metrics)
+    return Candidate(model, spec, data, refit=False)
 
 
 def refit_candidate(cfg: StudyConfig, data: Dataset, params: dict[str, Any]) -> Candidate:
@@ -214,7 +218,7 @@ def refit_candidate(cfg: StudyConfig, data: Dataset, params: dict[str, Any]) -> 
         "refit/train_loss": run.final["train/loss"],
         "refit/train_error": run.final["train/error"],
     }
-    return Candidate(run.model.eval(), spec, data, refit=True, trial_run=None, metrics=metrics)
+    return Candidate(run.model.eval(), spec, data, refit=True, metrics=metrics)
 
 
 def _loss(model: torch.nn.Module, split: Split, task: str) -> float:
@@ -272,14 +276,18 @@ def register(
     params = {**trial.params, **{f"config.{k}": v for k, v in config_params(cfg).items()}}
     experiment_id = tracker.experiment_id(cfg.experiment_name)
     run_name = f"{'refit' if candidate.refit else 'pick'}-{trial_run_name(number)}"
+    # Read now, after pick certified the trial if it had to: its certificates are the run's metrics.
+    trial_run = None if candidate.refit else tracker.client.get_run(lineage[TRIAL_RUN_TAG])
+    shown = ("train/", "val/", "bound/risk_bound", "certificate/")
+    metrics = candidate.metrics or {k: v for k, v in trial_run.data.metrics.items() if k.startswith(shown)}
     run_id = tracker.create_run(experiment_id, run_name, tags, params)
     mlflow.set_tracking_uri(tracker.uri)
     with mlflow.start_run(run_id=run_id):  # ends FINISHED, or FAILED if anything below raises
-        tracker.log(run_id, metrics=candidate.metrics)
+        tracker.log(run_id, metrics=metrics)
         version = str(
             log_predictor(candidate.model, candidate.spec, candidate.data, name).registered_model_version
         )
-        certificates, statement = certificate_statement(cfg, study, number, candidate)
+        certificates, statement = certificate_statement(cfg, study, number, candidate, trial_run)
         description = "\n\n".join([_model_text(candidate, number), statement, _lineage_text(lineage, run_id)])
         tracker.describe_version(name, version, {**lineage, **certificates}, description, alias)
         tracker.log(run_id, tags={"hsgd.registered_model": f"{name}/{version}@{alias}"})
@@ -309,7 +317,9 @@ def _lineage_text(lineage: dict[str, str], run_id: str) -> str:
     )
 
 
-def certificate_statement(cfg: StudyConfig, study, number: int, candidate: Candidate) -> tuple[dict, str]:
+def certificate_statement(
+    cfg: StudyConfig, study, number: int, candidate: Candidate, run
+) -> tuple[dict[str, str], str]:
     """The version's certificate tags (the trial's ``certificate/…`` numbers and the statement they
     make: which model, which data, which δ) and the statement as text."""
     if candidate.refit:
@@ -319,10 +329,10 @@ def certificate_statement(cfg: StudyConfig, study, number: int, candidate: Candi
             "rows are left to certify it with."
         )
         return {"hsgd.certificate": "none", STATEMENT_TAG: statement}, statement
-    run = candidate.trial_run
     metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("certificate/")}
     if "certificate/bound" not in metrics:
-        statement = f"Not certified: trial {number} has no certificate ([certificate] enabled = false)."
+        why = run.data.tags.get("hsgd.diagnostics", "[certificate] enabled = false")
+        statement = f"Not certified: trial {number} has no certificate ({why})."
         return {"hsgd.certificate": "none", STATEMENT_TAG: statement}, statement
     data, max_trials = candidate.data, int(study.user_attrs.get("max_trials", cfg.max_trials))
     error = (

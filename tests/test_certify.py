@@ -197,6 +197,9 @@ def test_pick_certifies_the_picked_trial(in_none, capsys):
     assert len(history(runs()[picked])) == 1
     version = Tracker().client.get_model_version_by_alias("hsgd-tiny", "champion")
     assert version.tags["optuna.trial_number"] == str(picked)  # the model went to the registry
+    # ... with the certificate computed just now (not the state of its run before pick began).
+    certificate = runs()[picked].data.metrics["certificate/bound"]
+    assert float(version.tags["certificate/bound"]) == pytest.approx(certificate, rel=1e-5)
 
 
 def test_a_finished_study_run_again_certifies_its_front(in_none, capsys):
