@@ -37,7 +37,7 @@ def predict_in_fresh_process(folder: Path, requests: dict[str, Path]) -> tuple[d
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # a failsafe: a fresh MLflow import takes seconds, minutes on a saturated machine
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -250,7 +250,7 @@ def test_the_readme_production_snippet_runs_as_written(champion, in_tiny):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # a failsafe: seconds on a quiet machine
     )
     assert done.returncode == 0, done.stderr
     assert "prediction" in done.stdout and "probability[9]" in done.stdout

@@ -158,3 +158,22 @@ def test_the_shipped_preprocessing_maps_raw_rows_exactly_as_the_study_did(picked
         raw = frame[prep["feature_names"]].to_numpy(dtype=np.float64)[rows[role]]
         mapped = ((raw - np.array(prep["x_mean"])) / np.array(prep["x_scale"])).astype(np.float32)
         np.testing.assert_array_equal(mapped, getattr(data, role).x)
+
+
+def test_pick_refuses_a_model_whose_data_changed_since_its_trial(picked, monkeypatch, capsys):
+    """The preprocessing shipped with a model must be the one it was trained with."""
+    monkeypatch.chdir(picked.folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    csv = picked.folder / "animals.csv"
+    original = csv.read_text()
+    frame = picked.frames["animals"]
+    before = len(Tracker().client.search_model_versions("name = 'hsgd-animals'"))
+    try:
+        frame.assign(h=frame["h"].to_numpy()[::-1]).to_csv(csv, index=False)  # other rows, same names
+        assert main(["pick", "animals.toml", "--out", "changed.toml"]) != 0
+    finally:
+        csv.write_text(original)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "changed since trial 0 was trained" in err
+    assert not (picked.folder / "changed.toml").exists()
+    assert len(Tracker().client.search_model_versions("name = 'hsgd-animals'")) == before
