@@ -46,9 +46,8 @@ def main() -> None:
     with torch.no_grad():
         bare = network(torch.tensor(raw.to_numpy(), dtype=torch.float32)).argmax(dim=1).numpy()
     val_error = tracker.client.get_run(trial_run).data.metrics["val/error"]
-    print(
-        f"{name} version {version.version}: trial {version.tags['optuna.trial_number']}, {len(rows)} raw V rows"
-    )
+    trial = version.tags["optuna.trial_number"]
+    print(f"{name} version {version.version}: trial {trial}, {len(rows)} raw V rows")
     print(f"  registered model (pyfunc) on raw rows: accuracy {np.mean(served == truth):.4f}")
     print(f"  bare network on raw rows:              accuracy {np.mean(bare == truth):.4f}")
     print(f"  the trial's own (1 - val/error):       accuracy {1 - val_error:.4f}")
