@@ -132,8 +132,9 @@ def iterate_errors(
     out = []
     with torch.no_grad():
         for w in _stacked(iterates).split(chunk):
-            out.append(_bounded_error(fm.forward_many(w, x), y, fm.task, loss_clip).mean(dim=1))
-    return torch.cat(out).double().numpy()
+            # In float64: a mean of n float32 zeros and ones would not be an exact count over n.
+            out.append(_bounded_error(fm.forward_many(w, x), y, fm.task, loss_clip).double().mean(dim=1))
+    return torch.cat(out).numpy()
 
 
 def mean_gradient_norms(
@@ -199,8 +200,8 @@ def heldout(cfg, data, run, delta: float) -> Measurements:
             errors = iterate_errors(fm, run.trajectories[S_RUN], x, y, cfg.bound.loss_clip)
         else:  # sketched: only the final model is at hand
             with torch.no_grad():
-                errors = _bounded_error(run.model(x), y, data.task, cfg.bound.loss_clip).mean().reshape(1)
-            errors = errors.double().numpy()
+                errors = _bounded_error(run.model(x), y, data.task, cfg.bound.loss_clip).double().mean()
+            errors = errors.reshape(1).numpy()
     last, every = bound.heldout_certificate(errors, len(y), delta)
     out.metrics["certificate/heldout_error"] = last
     out.metrics["certificate/heldout_measured"] = float(errors[-1])
