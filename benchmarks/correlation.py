@@ -126,8 +126,8 @@ def trial_overview(trials: pd.DataFrame) -> str:
         f"trajectory-wide gap {ok.gap_traj.min():.3f} … {ok.gap_traj.max():.3f}, "
         f"risk bound {ok['bound/risk_bound'].min():.2f} … {ok['bound/risk_bound'].max():.2f} "
         f"(below B in {below_b(ok, 'bound/risk_bound')}; the uniform form "
-        f"{ok['bound/risk_bound_uniform'].min():.1f} … {ok['bound/risk_bound_uniform'].max():.1f}, below B in "
-        f"{below_b(ok, 'bound/risk_bound_uniform')}), "
+        f"{ok['bound/risk_bound_uniform'].min():.1f} … {ok['bound/risk_bound_uniform'].max():.1f}, "
+        f"below B in {below_b(ok, 'bound/risk_bound_uniform')}), "
         f"test error {ok.test_error.min():.3f} … {ok.test_error.max():.3f}; "
         f"median {ok.seconds.median():.1f} s per trial"
     )
