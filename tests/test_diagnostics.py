@@ -280,3 +280,21 @@ def test_noise_knobs_may_be_searched_for_builtin_models(tmp_path):
     search = {**STUDY["search"], "knobs": {"noise_alpha": {"low": 1.2, "high": 2.0, "log": False}}}
     cfg = parse_study({**STUDY, "search": search}, tmp_path)
     assert cfg.search.knobs[0].name == "noise_alpha"
+
+
+def test_iterate_risks_and_mean_gradient_norms_match_a_loop_over_weights():
+    """The batched risks and L_pop gradients equal per-weight autograd on the clipped mean loss."""
+    from hsgd_tune.diagnostics import iterate_risks, mean_gradient_norms
+
+    fm, w, x, y = classification_setup()
+    rng = np.random.default_rng(0)
+    points = np.stack([w + 0.5 * rng.normal(size=w.shape) for _ in range(5)]).astype(np.float32)
+    clip = 1.0  # low enough that some examples are clipped (zero gradient there)
+    risks = iterate_risks(fm, points, x, y, clip, chunk=2)
+    norms = mean_gradient_norms(fm, points, x, y, clip, chunk=2)
+    for k, p in enumerate(points):
+        wt = torch.as_tensor(p).clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(fm.forward(wt, x), y, reduction="none").clamp(max=clip)
+        (grad,) = torch.autograd.grad(loss.mean(), wt)
+        assert risks[k] == pytest.approx(float(loss.mean().detach()), rel=1e-5)
+        assert norms[k] == pytest.approx(float(grad.norm()), rel=1e-4)
