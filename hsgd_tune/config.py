@@ -119,7 +119,8 @@ class NoiseConfig:
 
 @dataclass(frozen=True)
 class CertificateConfig:
-    """The PAC-Bayes certificate (DESIGN.md §2); it takes half of each trial's δ_t."""
+    """The learned-posterior (PAC-Bayes) and perturbed-dynamics certificates (DESIGN.md §2); each takes
+    a share of the configuration's δ_λ (grid.py)."""
 
     enabled: bool = True
     posterior: str = "layer"  # learned variances per "layer" or per "weight", or "isotropic"

@@ -38,7 +38,7 @@ def configuration_delta(delta: float, prior_weight: float) -> float:
 
 
 def complexity_term(loss_clip: float, n: int, n_points: int, delta_t: float) -> float:
-    """``C = B * sqrt((ln N + ln(1/δ_t)) / (2n))``: Hoeffding + union bound over N points.
+    """``C = B * sqrt((ln N + ln(1/δ_s)) / (2n))``: Hoeffding + union bound over N points.
 
     Source: DESIGN.md §2 (complexity row); Dupuis & Viallard, arXiv 2312.00427, decoupling lemma.
 
@@ -46,14 +46,14 @@ def complexity_term(loss_clip: float, n: int, n_points: int, delta_t: float) -> 
         loss_clip: B > 0, the clip level; the clipped loss ``ℓ_B = min(ℓ, B)`` lies in [0, B].
         n: n >= 1, the number of training examples in S.
         n_points: N >= 1, the number of recorded reference iterates (the finite set ``W^H``).
-        delta_t: δ_t in (0, 1), this statement's confidence level (see ``configuration_delta``).
+        delta_t: δ_s in (0, 1), this statement's confidence level (see ``configuration_delta``).
 
     Returns:
-        The complexity term C > 0 (ln N >= 0 and ln(1/δ_t) > 0).
+        The complexity term C > 0 (ln N >= 0 and ln(1/δ_s) > 0).
     """
     loss_clip = _checks.positive("loss_clip", loss_clip)
     n = _checks.count("n", n)
     n_points = _checks.count("n_points", n_points)
     delta_t = _checks.probability("delta_t", delta_t)
-    # -log(δ_t) rather than log(1/δ_t): 1/δ_t overflows for δ_t below ~1e-308, the log does not.
+    # -log(δ_s) rather than log(1/δ_s): 1/δ_s overflows for δ_s below ~1e-308, the log does not.
     return loss_clip * math.sqrt((math.log(n_points) - math.log(delta_t)) / (2.0 * n))

@@ -31,12 +31,12 @@ def test_configuration_delta_rejects_a_weight_outside_zero_one(weight):
 
 
 def test_complexity_term_hand_computed_with_one_reference_point():
-    # B=2, n=50, N=1 (ln N = 0), δ_t = e^-4 (ln 1/δ_t = 4): C = 2·sqrt(4/100) = 2·0.2 = 0.4.
+    # B=2, n=50, N=1 (ln N = 0), δ_s = e^-4 (ln 1/δ_s = 4): C = 2·sqrt(4/100) = 2·0.2 = 0.4.
     assert complexity_term(2.0, 50, 1, math.exp(-4.0)) == pytest.approx(0.4, rel=1e-14)
 
 
 def test_complexity_term_hand_computed_with_union_bound_over_points():
-    # B=1, n=8, N=4, δ_t = 4·e^-16: ln N + ln 1/δ_t = ln(N/δ_t) = 16; C = sqrt(16/16) = 1.
+    # B=1, n=8, N=4, δ_s = 4·e^-16: ln N + ln 1/δ_s = ln(N/δ_s) = 16; C = sqrt(16/16) = 1.
     assert complexity_term(1.0, 8, 4, 4.0 * math.exp(-16.0)) == pytest.approx(1.0, rel=1e-14)
 
 
