@@ -29,8 +29,9 @@ def exported_config(ranking: Ranking, cfg: StudyConfig, number: int) -> str:
     trial = ranking.trial(number)
     doc = study_file_dict(cfg.to_dict(), fixed=trial.params)
     doc["name"] = f"{cfg.name}-{trial_run_name(number)}"
-    # δ stays split over the original study's trials, so the exported bound states the same thing.
-    doc["bound"]["max_trials"] = int(ranking.study.user_attrs.get("max_trials", cfg.max_trials))
+    # δ stays divided over the original study's configuration grid, so the exported bound states the
+    # same thing (a single configuration alone would claim δ·1 instead of δ/|Λ|).
+    doc["bound"]["grid_size"] = int(ranking.study.user_attrs.get("grid_size", cfg.grid_size))
     doc["run"] = {"n_trials": 1}
     values = ", ".join(
         f"{k} = {trial.user_attrs[k]:.6g}" for k in ("train/loss", "val/loss") if k in trial.user_attrs
@@ -199,7 +200,7 @@ def train_config(path: Path, out: Path | None = None) -> list[str]:
     if out is not None and out.exists():
         raise ConfigError("--out", "must not exist yet", str(out))
     data = prepare(cfg)
-    outcome = evaluate(cfg, data, params, cfg.max_trials)
+    outcome = evaluate(cfg, data, params)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as tmp:

@@ -85,9 +85,10 @@ def test_exported_config_loads_back_and_reproduces_the_trial(in_tiny, capsys):
     cfg = load_study(in_tiny.parent / "picked.toml")
     assert cfg.search.learning_rate.choices == (trial.params["learning_rate"],)
     assert cfg.search.batch_size.choices == (trial.params["batch_size"],)
-    assert cfg.max_trials == 5  # δ still split over the original study's trials
+    # δ still divided over the original study's configuration grid, not the single exported one.
+    assert cfg.grid_size == load_study(in_tiny).grid_size > 1
     # Common random numbers: the same seed and values give the trial's own training loss.
-    outcome = evaluate(cfg, prepare(cfg), trial.params, cfg.max_trials)
+    outcome = evaluate(cfg, prepare(cfg), trial.params)
     assert outcome.run.final["train/loss"] == pytest.approx(trial.user_attrs["train/loss"], rel=1e-6)
     assert outcome.bound.risk_bound == pytest.approx(trial.user_attrs["bound/risk_bound"], rel=1e-6)
     capsys.readouterr()
