@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hsgd_tune import grid
 from hsgd_tune.errors import ConfigError
 
 DATA_SOURCES = ("digits", "breast_cancer", "wine", "synthetic", "csv")
@@ -84,7 +85,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Knob:
-    """One searched hyperparameter: a float or int range (optionally log-scaled) or a choice."""
+    """One searched hyperparameter: a float or int range (optionally log-scaled) or a choice. Its
+    values are snapped to a finite grid (grid.py): ``points_per_decade`` for a log-scaled float range,
+    ``grid_points`` for a linear one."""
 
     name: str
     kind: str  # "float" | "int" | "categorical"
@@ -92,6 +95,8 @@ class Knob:
     high: float | None = None
     log: bool = False
     choices: tuple[Any, ...] | None = None
+    points_per_decade: int | None = None  # log float ranges
+    grid_points: int | None = None  # linear float ranges
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ class NoiseConfig:
 
 @dataclass(frozen=True)
 class CertificateConfig:
-    """The PAC-Bayes certificate (DESIGN.md §2); it takes half of each trial's δ_t."""
+    """The learned-posterior (PAC-Bayes) and perturbed-dynamics certificates (DESIGN.md §2); each takes
+    a share of the configuration's δ_λ (grid.py)."""
 
     enabled: bool = True
     posterior: str = "layer"  # learned variances per "layer" or per "weight", or "isotropic"
@@ -153,7 +159,10 @@ class BoundConfig:
     delta: float = 0.05
     loss_clip: float = 5.0
     lipschitz_subsample: int = 64
-    max_trials: int | None = None  # None: the run budget
+    #: |Λ| the uniform prior over configurations is spread over; None: the search grid's size. Only
+    #: larger values are allowed (Σπ ≤ 1); ``pick`` exports set it so a single configuration keeps the
+    #: statement its study made.
+    grid_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,9 +209,9 @@ class StudyConfig:
     source_file: Path | None = field(default=None, compare=False)
 
     @property
-    def max_trials(self) -> int:
-        """The number of trials δ is split over (DESIGN.md §2: δ_t = δ / max_trials)."""
-        return self.bound.max_trials if self.bound.max_trials is not None else self.run.n_trials
+    def grid_size(self) -> int:
+        """|Λ|, the configurations δ is divided over (DESIGN.md §2: δ_λ = δ·π(λ), π uniform)."""
+        return self.bound.grid_size if self.bound.grid_size is not None else grid.grid_size(self.search)
 
     @property
     def diagnose_every_trial(self) -> bool:
@@ -223,9 +232,6 @@ class StudyConfig:
         payload.pop("run")
         payload.pop("rank")
         payload.pop("source_file")
-        # max_trials is fixed when the study is created and kept by the study itself (study.py),
-        # so a resumed study may name a larger budget here without changing its identity.
-        payload["bound"].pop("max_trials")
         # Which trials get the diagnostics changes no objective (a certificate objective forces
         # "all"), so it may change between resumes, and studies made before it existed still resume.
         payload["diagnostics"].pop("trials")
@@ -407,8 +413,16 @@ def _read_knob(t: _Table, name: str, default_kind: str) -> Knob:
         raise ConfigError(t.key("high"), f"must exceed low = {low} (empty search range)", high)
     if log and low <= 0:
         raise ConfigError(t.key("low"), "must be positive for a log range", low)
+    # The grid Λ (grid.py): fixed here, before any data is seen.
+    ppd = points = None
+    if kind == "float" and log:
+        ppd = _positive(t, "points_per_decade", "int", grid.DEFAULT_POINTS_PER_DECADE)
+    elif kind == "float":
+        points = t.get("grid_points", "int", grid.DEFAULT_GRID_POINTS)
+        if points < 2:
+            raise ConfigError(t.key("grid_points"), "must be at least 2 (the range's ends)", points)
     t.done()
-    return Knob(name, kind, low=low, high=high, log=log)
+    return Knob(name, kind, low=low, high=high, log=log, points_per_decade=ppd, grid_points=points)
 
 
 def _read_search(t: _Table, model: ModelConfig) -> SearchConfig:
@@ -509,11 +523,18 @@ def _read_training(t: _Table) -> TrainingConfig:
 
 
 def _read_bound(t: _Table) -> BoundConfig:
+    if t.has("max_trials"):  # study files written before the configuration-grid union
+        raise ConfigError(
+            t.key("max_trials"),
+            "is no longer used: δ is divided over the configuration grid (search.*.points_per_decade), "
+            "not over trials, so a study may be extended; remove it",
+            t.raw["max_trials"],
+        )
     cfg = BoundConfig(
         delta=t.get("delta", "float", 0.05),
         loss_clip=_positive(t, "loss_clip", "float", 5.0),
         lipschitz_subsample=_positive(t, "lipschitz_subsample", "int", 64),
-        max_trials=_positive(t, "max_trials", "int", None),
+        grid_size=_positive(t, "grid_size", "int", None),
     )
     if not 0 < cfg.delta < 1:
         raise ConfigError(t.key("delta"), "must lie strictly between 0 and 1", cfg.delta)
@@ -607,11 +628,12 @@ def parse_study(raw: dict[str, Any], base_dir: Path) -> StudyConfig:
         rank=_read_rank(top.table("rank")),
     )
     top.done()
-    if cfg.run.n_trials > cfg.max_trials:
+    searched = grid.grid_size(cfg.search)
+    if cfg.bound.grid_size is not None and cfg.bound.grid_size < searched:
         raise ConfigError(
-            "run.n_trials",
-            f"must not exceed bound.max_trials = {cfg.max_trials} (δ is split over it)",
-            cfg.run.n_trials,
+            "bound.grid_size",
+            f"must be at least the search grid's {searched} configurations (prior weights sum to ≤ 1)",
+            cfg.bound.grid_size,
         )
     if "certificate" in cfg.objectives and not cfg.certificate.enabled:
         rule = "may name 'certificate' only when certificate.enabled"
@@ -644,15 +666,5 @@ def load_study(path: str | Path) -> StudyConfig:
 def with_run(cfg: StudyConfig, **changes: Any) -> StudyConfig:
     """The same study with some ``[run]`` settings overridden (e.g. from the command line)."""
     changes = {k: v for k, v in changes.items() if v is not None}
-    # δ stays split over the study file's budget, whatever budget this one run asks for.
-    bound = dataclasses.replace(cfg.bound, max_trials=cfg.max_trials)
-    run = dataclasses.replace(cfg.run, **changes)
-    if run.n_trials > bound.max_trials:  # refuse here, before a study is created for fewer trials
-        raise ConfigError(
-            "run.n_trials",
-            f"must not exceed bound.max_trials = {bound.max_trials} (δ is split over it; "
-            "set bound.max_trials in the study file to plan for more)",
-            run.n_trials,
-            file=cfg.source_file,
-        )
-    return dataclasses.replace(cfg, bound=bound, run=run)
+    # Any budget: δ is divided over the configuration grid, not over trials (grid.py).
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **changes))

@@ -10,7 +10,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ import numpy as np
 import optuna
 import torch
 
+from hsgd_tune import grid
 from hsgd_tune.bound import TrajectoryBound, trajectory_bound
 from hsgd_tune.config import NOISE_KNOBS, TRAINING_KNOBS, StudyConfig
 from hsgd_tune.data import Dataset
-from hsgd_tune.diagnostics import Measurements, measure
+from hsgd_tune.diagnostics import Measurements, heldout, measure, trajectory_measures
 from hsgd_tune.errors import DivergedError
 from hsgd_tune.models import ModelSpec, model_spec
 from hsgd_tune.sketch import sketch_assumptions
@@ -38,6 +39,8 @@ class TrialOutcome:
     run: TwinRun
     bound: TrajectoryBound
     measured: Measurements | None = None  # certificate/…, tail/…, analytic/… (diagnostics.py)
+    heldout: Measurements | None = None  # certificate/heldout_… (every trial)
+    deltas: dict[str, float] = field(default_factory=dict)  # each statement's share of δ_λ
 
     def metrics(self) -> dict[str, float]:
         """Final metrics, every bound term and timings, namespaced (``val/loss``, ``bound/…``)."""
@@ -51,6 +54,9 @@ class TrialOutcome:
         if self.measured is not None:
             timings = {f"time/{k}_s": v for k, v in self.measured.seconds.items()}
             measured = {**self.measured.metrics, **timings}
+        if self.heldout is not None:
+            measured |= self.heldout.metrics
+        measured |= {f"bound/delta_{k}": v for k, v in self.deltas.items()}
         return {
             **self.run.final,
             **self.bound.metrics(),
@@ -81,10 +87,20 @@ class TrialOutcome:
         outside = self.settings.outside_theory
         tags["hsgd.theory"] = "outside: " + ", ".join(outside) if outside else "plain SGD (inside)"
         tags["hsgd.vacuous.risk_bound"] = str(self.bound.risk_bound_vacuous).lower()
+        if self.heldout is not None:
+            tags |= self.heldout.tags
         if self.measured is not None:
             tags |= self.measured.tags
-            tags["hsgd.delta_split"] = "δ_t/2 for the trajectory bound, δ_t/2 for the certificate"
+        tags["hsgd.delta_split"] = DELTA_SPLIT
         return tags
+
+
+#: How a configuration's δ_λ is spent (grid.py); logged with every trial.
+DELTA_SPLIT = (
+    "δ_λ = δ·π(λ), π uniform over the configuration grid Λ (a union over configurations, not trials); "
+    "split equally among the configuration's statements: trajectory bound, held-out certificate, and "
+    "with [certificate] enabled the perturbed and PAC-Bayes certificates (bound/delta_<statement>)"
+)
 
 
 def config_params(cfg: StudyConfig) -> dict[str, Any]:
@@ -115,13 +131,10 @@ def train_settings(cfg: StudyConfig, params: dict[str, Any]) -> TrainSettings:
     )
 
 
-def certificate_delta(cfg: StudyConfig, max_trials: int) -> float:
-    """The certificate's share of δ_t = δ / max_trials: half (the trajectory bound takes the other)."""
-    return cfg.bound.delta / max_trials / 2
-
-
-def trial_bound(cfg: StudyConfig, data: Dataset, run: TwinRun, max_trials: int) -> TrajectoryBound:
-    """The trajectory bound of a trained twin (DESIGN.md §2), on the recorded arrays."""
+def trial_bound(cfg: StudyConfig, data: Dataset, run: TwinRun) -> TrajectoryBound:
+    """The trajectory bound of a trained twin (DESIGN.md §2), on the recorded arrays and the risks
+    along them, with the configuration's trajectory share of δ_λ (grid.py)."""
+    along = trajectory_measures(data, run, cfg.bound.loss_clip)  # None: sketched iterates
     return trajectory_bound(
         run.trajectories[S_RUN],
         run.trajectories[H_RUN],
@@ -129,31 +142,35 @@ def trial_bound(cfg: StudyConfig, data: Dataset, run: TwinRun, max_trials: int) 
         train_risk_clipped=run.final["train/loss_clipped"],
         n_train=len(data.train.y),
         loss_clip=cfg.bound.loss_clip,
-        # With the certificate on, δ_t is split in half between the two statements (union bound).
-        delta=cfg.bound.delta / 2 if cfg.certificate.enabled else cfg.bound.delta,
-        max_trials=max_trials,
+        delta=grid.statement_deltas(cfg)["trajectory"],
+        risks_s=along.risks_s if along else None,
+        risks_h=along.risks_h if along else None,
+        lipschitz_pop=along.lipschitz_pop if along else None,
     )
 
 
-def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials: int) -> TrialOutcome:
-    """Train both runs with ``params`` and compute the trajectory bound (DESIGN.md §2); the
-    certificate and diagnostics too when the study asks for them in every trial (else certify.py)."""
+def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any]) -> TrialOutcome:
+    """Train both runs with ``params`` (a configuration of the grid Λ) and compute the trajectory
+    bound and the held-out certificate (DESIGN.md §2); the other certificates and diagnostics too
+    when the study asks for them in every trial (else certify.py)."""
     settings = train_settings(cfg, params)
     trainer_knobs = ("learning_rate", "batch_size", *TRAINING_KNOBS, *NOISE_KNOBS)
     model_knobs = {k: v for k, v in params.items() if k not in trainer_knobs}
     spec = model_spec(cfg.model, data.n_features, data.n_outputs, model_knobs)
     run = train_twin(data, spec, settings)
+    deltas = grid.statement_deltas(cfg)
     started = time.perf_counter()
-    bound = trial_bound(cfg, data, run, max_trials)
+    bound = trial_bound(cfg, data, run)
     run.seconds["bound"] = time.perf_counter() - started
+    started = time.perf_counter()
+    held = heldout(cfg, data, run, deltas["heldout"])
+    run.seconds["heldout"] = time.perf_counter() - started
     measured = None
     if cfg.diagnose_every_trial:
         started = time.perf_counter()
-        measured = measure(
-            cfg, data, settings, run, bound, delta_certificate=certificate_delta(cfg, max_trials)
-        )
+        measured = measure(cfg, data, settings, run, bound, deltas)
         run.seconds["diagnostics"] = time.perf_counter() - started
-    outcome = TrialOutcome(params, settings, spec, run, bound, measured)
+    outcome = TrialOutcome(params, settings, spec, run, bound, measured, held, deltas)
     for name in cfg.objectives:
         if not math.isfinite(outcome.objective(name)):
             raise DivergedError(f"objective {name} is {outcome.objective(name)}", settings.steps)
@@ -196,10 +213,9 @@ class Objective:
         tracker: Tracker,
         experiment_id: str,
         parent_id: str,
-        max_trials: int,
     ):
         self.cfg, self.data, self.tracker = cfg, data, tracker
-        self.experiment_id, self.parent_id, self.max_trials = experiment_id, parent_id, max_trials
+        self.experiment_id, self.parent_id = experiment_id, parent_id
         self.fixed_params = {f"config.{k}": v for k, v in config_params(cfg).items()}
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
@@ -210,7 +226,7 @@ class Objective:
         )
         trial.set_user_attr("mlflow_run_id", run_id)
         try:
-            outcome = evaluate(self.cfg, self.data, params, self.max_trials)
+            outcome = evaluate(self.cfg, self.data, params)
         except DivergedError as exc:
             trial.set_user_attr(FAIL_REASON, str(exc))
             self.tracker.finish_trial(run_id, "FAIL", tags={"hsgd.fail_reason": str(exc)})

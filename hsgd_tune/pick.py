@@ -53,8 +53,9 @@ def exported_config(ranking: Ranking, cfg: StudyConfig, number: int) -> str:
     trial = ranking.trial(number)
     doc = study_file_dict(cfg.to_dict(), fixed=trial.params)
     doc["name"] = f"{cfg.name}-{trial_run_name(number)}"
-    # δ stays split over the original study's trials, so the exported bound states the same thing.
-    doc["bound"]["max_trials"] = int(ranking.study.user_attrs.get("max_trials", cfg.max_trials))
+    # δ stays divided over the original study's configuration grid, so the exported bound states the
+    # same thing (a single configuration alone would claim δ·1 instead of δ/|Λ|).
+    doc["bound"]["grid_size"] = int(ranking.study.user_attrs.get("grid_size", cfg.grid_size))
     # `hsgd-tune train` logs its run next to the study's trials, in the study's experiment.
     doc["run"] = {"n_trials": 1, "experiment": cfg.experiment_name}
     values = ", ".join(
@@ -330,39 +331,55 @@ def certificate_statement(
         )
         return {"hsgd.certificate": "none", STATEMENT_TAG: statement}, statement
     metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("certificate/")}
-    if "certificate/bound" not in metrics:
-        why = run.data.tags.get("hsgd.diagnostics", "[certificate] enabled = false")
+    tags = run.data.tags
+    certified = {  # the certified numbers, each with what it rests on (its hsgd.assumption tag)
+        k: v
+        for k, v in sorted(metrics.items())
+        if tags.get(f"hsgd.assumption.{k}", "").startswith("certified")
+    }
+    if not certified:
+        why = tags.get("hsgd.diagnostics", "its run holds no certified number")
         statement = f"Not certified: trial {number} has no certificate ({why})."
         return {"hsgd.certificate": "none", STATEMENT_TAG: statement}, statement
-    data, max_trials = candidate.data, int(study.user_attrs.get("max_trials", cfg.max_trials))
+    data = candidate.data
+    grid = int(study.user_attrs.get("grid_size", cfg.grid_size))
     error = (
         "0-1 error"
         if data.task == "classification"
-        else f"squared error clipped at B = {cfg.bound.loss_clip:g} and divided by B"
+        else f"loss clipped at B = {cfg.bound.loss_clip:g}, over B"
     )
-    statement = (
-        f"With probability at least 1 − {cfg.bound.delta:g} over the draw of the study's data (jointly for "
-        f"all {max_trials} trials of study {cfg.name!r}; this certificate spends "
-        f"δ' = {metrics.get('certificate/delta', math.nan):.3g} of it), the expected {error} on new rows "
-        f"from the distribution of {data.description} of the stochastic predictor Q = N(μ, diag s²), "
-        f"fitted on trial {number}'s training split S ({len(data.train)} rows) around this version's "
-        f"weights, is at most {metrics['certificate/bound']:.4g} (certificate/bound; guessing scores "
-        f"{metrics.get('certificate/trivial', math.nan):.3g}). It is about Q, whose weights are drawn afresh "
-        "for each prediction, not about the deterministic weights this version serves."
-    )
-    if run.data.tags.get("hsgd.vacuous.certificate") == "true":
-        statement += " This certificate is vacuous: it does not beat guessing (or 0.5)."
-    certified = [  # every other certified number, with what it rests on (its hsgd.assumption tag)
-        f"{k} = {v:.4g}: {run.data.tags[f'hsgd.assumption.{k}']}"
-        for k, v in sorted(metrics.items())
-        if k != "certificate/bound" and run.data.tags.get(f"hsgd.assumption.{k}", "").startswith("certified")
+    lines = [
+        f"With probability at least 1 − {cfg.bound.delta:g} over the draw of the study's data, the "
+        f"statements below hold together, and with those of every other configuration of study "
+        f"{cfg.name!r} (a union over its grid of {grid} configurations: each gets δ_λ = δ/{grid}, split "
+        "among its statements, bound/delta_<statement>). They bound the expected "
+        f"{error} on new rows from the distribution of {data.description}, of models trained on "
+        f"trial {number}'s training split S ({len(data.train)} rows) with H held out:"
     ]
-    if certified:
-        statement += "\nAlso certified:\n" + "\n".join(f"- {line}" for line in certified)
-    tags = {k: f"{v:.6g}" for k, v in metrics.items()}
-    tags |= {"hsgd.certificate": "certificate/bound", STATEMENT_TAG: statement}
-    tags["hsgd.certificate.delta"] = f"{cfg.bound.delta:g} over {max_trials} trials"
-    return tags, statement
+    lines += [f"- {k} = {v:.4g}: {tags[f'hsgd.assumption.{k}']}" for k, v in certified.items()]
+    if "certificate/heldout_error" in certified:
+        lines.append(
+            "certificate/heldout_error is about the very weights this version serves (the final S-model)."
+        )
+    if "certificate/bound" in certified:
+        lines.append(
+            "certificate/bound is about the stochastic predictor Q = N(μ, diag s²) around these weights, "
+            "whose weights are drawn afresh for each prediction, not about the weights this version serves"
+            + (
+                "; it is vacuous (it does not beat guessing, or 0.5)."
+                if tags.get("hsgd.vacuous.certificate") == "true"
+                else "."
+            )
+        )
+    statement = "\n".join(lines)
+    deltas = {k: v for k, v in run.data.metrics.items() if k.startswith("bound/delta")}
+    version_tags = {k: f"{v:.6g}" for k, v in {**metrics, **deltas}.items()}
+    headline = (
+        "certificate/heldout_error" if "certificate/heldout_error" in certified else next(iter(certified))
+    )
+    version_tags |= {"hsgd.certificate": headline, STATEMENT_TAG: statement}
+    version_tags["hsgd.certificate.delta"] = f"{cfg.bound.delta:g} over a grid of {grid} configurations"
+    return version_tags, statement
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +414,7 @@ def train_config(path: Path, out: Path | None = None, log: bool = True) -> list[
     if out is not None and out.exists():
         raise ConfigError("--out", "must not exist yet", str(out))
     data = prepare(cfg)
-    outcome = evaluate(cfg, data, params, cfg.max_trials)
+    outcome = evaluate(cfg, data, params)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as tmp:

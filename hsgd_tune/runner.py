@@ -102,7 +102,6 @@ def run_study(
         experiment_id = tracker.experiment_id(cfg.experiment_name)
         entropy = secrets.randbits(63) if options.shared else None  # see WorkerOptions.shared
         study = create_or_resume(cfg, storage, entropy)
-        max_trials = study.user_attrs["max_trials"]
         parent_id = open_parent_once(
             study,
             tracker,
@@ -112,13 +111,13 @@ def run_study(
                 "hsgd.fingerprint": cfg.fingerprint(),
                 "hsgd.storage": storage_description(cfg.run.storage),
                 "hsgd.objectives": ",".join(cfg.objectives),
-                "hsgd.max_trials": str(max_trials),
+                "hsgd.grid_size": str(study.user_attrs["grid_size"]),
                 "hsgd.data": data.description,
             },
         )
     done_before = trials_done(study)
     remaining = max(cfg.run.n_trials - done_before, 0)
-    objective = Objective(cfg, data, tracker, experiment_id, parent_id, max_trials)
+    objective = Objective(cfg, data, tracker, experiment_id, parent_id)
     display = Progress(cfg, remaining, done_before, enabled=progress and not options.lines)
     on_trial = trial_line_printer(cfg, study) if options.lines else display.on_trial
     interrupted, ran = False, 0

@@ -125,6 +125,7 @@ def test_after_the_study_gives_the_certificate_the_trial_would_have_logged(every
         measured = {k: v for k, v in run.data.metrics.items() if k.startswith(MEASURED)}
         expected = {k: v for k, v in inside[number].data.metrics.items() if k.startswith(MEASURED)}
         assert "certificate/bound" in measured and "tail/alpha" in measured
+        assert "certificate/perturbed_bound" in measured and "certificate/perturbed_bound_max" in measured
         assert measured == expected  # exactly: same float32 weights, same seeds
         assert run.data.tags[DIAGNOSTICS_TAG] == AFTER_STUDY
         assert DIAGNOSTICS_TAG not in inside[number].data.tags

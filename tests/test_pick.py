@@ -97,9 +97,10 @@ def test_exported_config_loads_back_and_reproduces_the_trial(in_tiny, capsys):
     cfg = load_study(in_tiny.parent / "picked.toml")
     assert cfg.search.learning_rate.choices == (trial.params["learning_rate"],)
     assert cfg.search.batch_size.choices == (trial.params["batch_size"],)
-    assert cfg.max_trials == 5  # δ still split over the original study's trials
+    # δ still divided over the original study's configuration grid, not the single exported one.
+    assert cfg.grid_size == load_study(in_tiny).grid_size > 1
     # Common random numbers: the same seed and values give the trial's own training loss.
-    outcome = evaluate(cfg, prepare(cfg), trial.params, cfg.max_trials)
+    outcome = evaluate(cfg, prepare(cfg), trial.params)
     assert outcome.run.final["train/loss"] == pytest.approx(trial.user_attrs["train/loss"], rel=1e-6)
     assert outcome.bound.risk_bound == pytest.approx(trial.user_attrs["bound/risk_bound"], rel=1e-6)
     capsys.readouterr()
@@ -161,16 +162,18 @@ def test_pick_registers_the_recommended_model_in_a_run_of_its_own(champion, in_t
 def test_the_version_carries_the_trials_certificates_and_their_statement(champion, in_tiny):
     trial_run = Tracker().client.get_run(champion.run_id)
     tags = champion.version.tags
-    assert float(tags["certificate/bound"]) == pytest.approx(
-        trial_run.data.metrics["certificate/bound"], rel=1e-5
-    )
+    for key in ("certificate/heldout_error", "certificate/bound"):  # the served weights; Q around them
+        assert float(tags[key]) == pytest.approx(trial_run.data.metrics[key], rel=1e-5)
+    assert tags["hsgd.certificate"] == "certificate/heldout_error"
     statement = tags["hsgd.certificate.statement"]
+    grid = load_ranking(str(in_tiny))[0].study.user_attrs["grid_size"]
     for fact in (  # which model, which data, which δ
         f"trial {champion.trial.number}'s training split S (120 rows)",
+        "the very weights this version serves",
+        "not about the weights this version serves",  # the PAC-Bayes certificate is about Q
         "digits (1797 rows, 64 features, 10 classes)",
         "1 − 0.05",
-        "all 5 trials",
-        "not about the deterministic weights",
+        f"grid of {grid} configurations",
     ):
         assert fact in statement
     assert statement in champion.version.description

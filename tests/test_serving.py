@@ -140,12 +140,13 @@ def test_a_regression_study_predicts_in_the_targets_units(picked, served, monkey
     assert np.mean(np.abs(answer["prediction"] - truth)) < 0.1 * truth.std()
 
 
-def test_an_uncertified_trial_says_so_on_its_version(picked, monkeypatch):
+def test_without_the_pac_bayes_certificate_the_version_still_carries_the_held_out_one(picked, monkeypatch):
     monkeypatch.chdir(picked.folder)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     version = Tracker().client.get_model_version_by_alias("hsgd-prices", "champion")
-    assert version.tags["hsgd.certificate"] == "none"
-    assert "no certificate" in version.tags["hsgd.certificate.statement"]
+    assert version.tags["hsgd.certificate"] == "certificate/heldout_error"
+    assert "certificate/bound" not in version.tags  # [certificate] enabled = false
+    assert "the very weights this version serves" in version.tags["hsgd.certificate.statement"]
 
 
 def test_the_shipped_preprocessing_maps_raw_rows_exactly_as_the_study_did(picked, monkeypatch):
