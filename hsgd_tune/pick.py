@@ -352,9 +352,9 @@ def certificate_statement(
         f"With probability at least 1 − {cfg.bound.delta:g} over the draw of the study's data, the "
         f"statements below hold together, and with those of every other configuration of study "
         f"{cfg.name!r} (a union over its grid of {grid} configurations: each gets δ_λ = δ/{grid}, split "
-        "among its statements, bound/delta_<statement>). They bound the expected "
-        f"{error} on new rows from the distribution of {data.description}, of models trained on "
-        f"trial {number}'s training split S ({len(data.train)} rows) with H held out:"
+        "among its statements, bound/delta_<statement>). They are about models trained on trial "
+        f"{number}'s training split S ({len(data.train)} rows) with H held out; error means the "
+        f"{error}, expected error its mean on new rows from the distribution of {data.description}:"
     ]
     lines += [f"- {k} = {v:.4g}: {tags[f'hsgd.assumption.{k}']}" for k, v in certified.items()]
     if "certificate/heldout_error" in certified:
