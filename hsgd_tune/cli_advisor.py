@@ -42,13 +42,20 @@ already has a certificate is shown, not computed again."""
 
 PICK_HELP = """\
 Pick a trial (the recommended one by default): export it as a standalone study file with one value per
-hyperparameter (train it again with `hsgd-tune train`), log its model with MLflow's PyTorch flavour,
-register it in the Model Registry and point an alias (default: champion) at it. A trial without a
-PAC-Bayes certificate is certified first (see `hsgd-tune certify`), so the chosen model has one."""
+hyperparameter (train it again with `hsgd-tune train`), register a production model in the MLflow Model
+Registry and point an alias (default: champion) at it. The model is a complete predictor (MLflow pyfunc,
+logged from code; no pickle): raw feature rows in, class labels and probabilities (or regression outputs
+in the target's units) out. By default it is the trial's own model, certified first if it has no
+PAC-Bayes certificate (see `hsgd-tune certify`); its version carries the certificates and the statement
+they make. With --refit the configuration is trained again on all the study's labelled rows (S, H and
+V), and that model is registered instead: the trial's certificates do not cover it. Lineage (study,
+trial, data fingerprint) is recorded in a run of its own; the trial's run is not touched."""
 
 TRAIN_HELP = """\
 Train one configuration from a study file whose search space has one value per hyperparameter (as
-written by `hsgd-tune pick`), and print its losses and bound. Same seed, same result as the trial."""
+written by `hsgd-tune pick`), print its losses and bound, and log a run (params, metrics, the model as
+a pyfunc predictor) in the study file's MLflow experiment (the original study's, for a file written by
+`pick`). Same seed, same result as the trial."""
 
 UI_HELP = """\
 Start the MLflow UI (and optuna-dashboard, if installed) on 127.0.0.1 for this study's stores, print
@@ -109,6 +116,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pick.add_argument(
         "--dry-run", action="store_true", help="say what would be exported and registered; change nothing"
     )
+    pick.add_argument(
+        "--refit",
+        action="store_true",
+        help="register the configuration trained again on S ∪ H ∪ V (not covered by the certificates)",
+    )
 
     train = sub.add_parser("train", help="train one exported configuration", description=TRAIN_HELP)
     train.add_argument(
@@ -120,6 +132,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="save the model, trajectories and metrics in DIR (must not exist)",
     )
+    train.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")
 
     ui = sub.add_parser("ui", help="start the MLflow UI for a study", description=UI_HELP)
     _study_args(ui, rule=False)
@@ -271,7 +284,16 @@ def cmd_pick(args: argparse.Namespace) -> int:
     ranking, cfg = _ranking(args)
     lock = _study_lock(args, ranking.study, cfg)
     for line in pick(
-        ranking, cfg, args.trial, args.out, args.model_name, args.alias, args.force, args.dry_run, lock
+        ranking,
+        cfg,
+        args.trial,
+        args.out,
+        args.model_name,
+        args.alias,
+        args.force,
+        args.dry_run,
+        lock,
+        refit=args.refit,
     ):
         print(line)
     return 0
@@ -287,7 +309,7 @@ def _study_lock(args: argparse.Namespace, study, cfg):
 def cmd_train(args: argparse.Namespace) -> int:
     from hsgd_tune.pick import train_config
 
-    for line in train_config(args.config, args.out):
+    for line in train_config(args.config, args.out, log=not args.no_mlflow):
         print(line)
     return 0
 

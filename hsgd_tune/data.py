@@ -102,6 +102,20 @@ class Dataset:
     y_mean: float = 0.0
     y_scale: float = 1.0
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What a served model needs to take raw rows and give answers in the data's own terms (JSON
+        types): the feature names in column order, H's means and scales, the task, the original
+        label of each class index, and the regression target's mean and scale."""
+        return {
+            "task": self.task,
+            "feature_names": list(self.feature_names),
+            "x_mean": [float(v) for v in self.x_mean],
+            "x_scale": [float(v) for v in self.x_scale],
+            "classes": list(self.classes),
+            "y_mean": float(self.y_mean),
+            "y_scale": float(self.y_scale),
+        }
+
 
 # --------------------------------------------------------------------------------------------
 # entry point
@@ -593,8 +607,9 @@ def _assemble(raw: dict, cfg: Any, task: str, n_outputs: int, description: str, 
         description=description,
         feature_names=table.feature_names,
         classes=table.classes,
-        x_mean=np.ascontiguousarray(x_mean, dtype=np.float32),
-        x_scale=np.ascontiguousarray(x_scale, dtype=np.float32),
+        # float64, as the splits were computed: a served model maps raw rows exactly as they were.
+        x_mean=np.ascontiguousarray(x_mean, dtype=np.float64),
+        x_scale=np.ascontiguousarray(x_scale, dtype=np.float64),
         y_mean=y_mean,
         y_scale=y_scale,
     )

@@ -178,6 +178,27 @@ class Tracker:
                 break
         return {int(r.data.tags[TRIAL_TAG]): r for r in runs}
 
+    # -- runs of their own and the model registry (pick, train) ----------------------------
+
+    def create_run(
+        self, experiment_id: str, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]
+    ) -> str:
+        """A new run (``pick``'s lineage, ``train``'s result), never a trial's: a finished trial's
+        run keeps its times."""
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        self.log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def describe_version(
+        self, name: str, version: str, tags: Mapping[str, str], description: str, alias: str
+    ) -> None:
+        """Tag and describe a registered model version, then point ``alias`` at it: last, so that the
+        alias only ever names a version that carries its whole statement."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value)[:5000])
+        self.client.update_model_version(name, version, description=description)
+        self.client.set_registered_model_alias(name, alias, version)
+
     # -- logging ----------------------------------------------------------------------------
 
     def log(
