@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from hsgd_tune.config import OBJECTIVES
+from hsgd_tune.config import OBJECTIVES, child_path
 from hsgd_tune.errors import ConfigError, HsgdError
 
 RANK_HELP = """\
@@ -79,6 +79,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     report.add_argument(
         "--no-mlflow", action="store_true", help="do not log the report to the study's parent run"
+    )
+    report.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an existing folder that is not a report (its files are kept; same names replaced)",
     )
 
     certify = sub.add_parser(
@@ -206,8 +211,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from hsgd_tune.tracking import Tracker
 
     ranking, cfg = _ranking(args)
-    out = args.out or Path("mlruns/reports") / ranking.name
-    page = write_report(ranking, cfg, Tracker(), out, log_to_mlflow=not args.no_mlflow)
+    out = args.out or child_path(Path("mlruns/reports"), ranking.name)
+    page = write_report(ranking, cfg, Tracker(), out, log_to_mlflow=not args.no_mlflow, force=args.force)
     print(f"{ranking.summary()}\nreport: {page}")
     return 0
 

@@ -568,6 +568,43 @@ def _read_run(t: _Table) -> RunConfig:
     return cfg
 
 
+#: A study name becomes a folder name (``mlruns/reports/<name>``), part of a file name (``pick``'s
+#: export), an MLflow experiment and model name and a quoted value in MLflow filter strings, so it is
+#: kept to characters that are safe in all of them: letters and digits (any script), space and
+#: ``_ - . ' + , @ ( )``; no slash, no double quote, no control character.
+NAME_MAX_LENGTH = 100
+_NAME_PUNCTUATION = frozenset(" _-.'+,@()")
+
+
+def check_study_name(name: str, key: str = "name") -> str:
+    """``name`` if it is a safe study name, else a ConfigError saying which rule it breaks."""
+    rule = None
+    if not name or name != name.strip():
+        rule = "must be non-empty, without leading or trailing spaces"
+    elif len(name) > NAME_MAX_LENGTH:
+        rule = f"must be at most {NAME_MAX_LENGTH} characters"
+    elif name.startswith("."):  # '.', '..', and hidden names: a folder of that name is not the study's
+        rule = "must not start with a dot"
+    elif bad := [c for c in name if not (c.isalnum() or c in _NAME_PUNCTUATION)]:
+        rule = (
+            "may hold only letters, digits, spaces and _ - . ' + , @ ( ) "
+            f"(not {bad[0]!r}: names become folder names and MLflow filter values)"
+        )
+    if rule is not None:
+        raise ConfigError(key, rule, name)
+    return name
+
+
+def child_path(parent: Path, name: str) -> Path:
+    """``parent / name`` for a name from the user or a study, refused unless it stays inside ``parent``
+    (defence in depth: names are checked when a study is created, but a study made by an older
+    version, or a name typed on the command line, is not)."""
+    path = parent / name
+    if path.parent != parent or not path.resolve().is_relative_to(parent.resolve()) or name in (".", ".."):
+        raise ConfigError("name", f"must not lead outside {parent}", name)
+    return path
+
+
 def _check_entry_point(spec: str, base_dir: Path) -> None:
     """Fail at load time, not mid-study, when a user's ``module:function`` cannot be imported."""
     module_name, sep, attr = spec.partition(":")
@@ -586,9 +623,7 @@ def _check_entry_point(spec: str, base_dir: Path) -> None:
 def parse_study(raw: dict[str, Any], base_dir: Path) -> StudyConfig:
     """Validate an already-parsed TOML document (relative paths resolve against ``base_dir``)."""
     top = _Table(raw, "")
-    name = top.get("name", "str")
-    if not name.strip() or any(c in name for c in "/\\\n"):
-        raise ConfigError("name", "must be a non-empty name without slashes", name)
+    name = check_study_name(top.get("name", "str"))
     model = _read_model(top.table("model"))
     cfg = StudyConfig(
         name=name,
