@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hsgd_tune import cli_advisor, cli_worker
 from hsgd_tune.errors import ConfigError, HsgdError
+from hsgd_tune.redact import redact
 
 DESCRIPTION = """\
 Tune batch size and learning rate of SGD-trained PyTorch models with Optuna, scoring every trial by
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except HsgdError as exc:
-        message = " ".join(str(exc).splitlines())  # one line, even when a user's code wrote several
+        # One line, even when a user's code wrote several; never a password, whoever wrote the text.
+        message = redact(" ".join(str(exc).splitlines()))
         print(f"hsgd-tune: error: {message}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
@@ -127,7 +129,7 @@ def _quiet_libraries() -> None:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"hsgd-tune: warning: {message}", file=sys.stderr)
+    print(f"hsgd-tune: warning: {redact(' '.join(str(message).splitlines()))}", file=sys.stderr)
 
 
 COMMANDS = {"run": cmd_run, **cli_advisor.COMMANDS, **cli_worker.COMMANDS}

@@ -24,6 +24,7 @@ from mlflow.utils.validation import (
 )
 
 from hsgd_tune.errors import StorageError
+from hsgd_tune.redact import redact, split_credentials
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 LOCAL_ARTIFACT_ROOT = Path("mlruns/artifacts")
@@ -45,6 +46,30 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def credentials_to_environment(uri: str) -> str:
+    """``http://user:pw@host`` → ``http://host``, with user and password handed to MLflow through
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (unless those are set already), so the
+    password is sent as HTTP basic auth and never shown, logged or stored with the URI."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    clean, user, password = split_credentials(uri)
+    if user is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+    if password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    return clean
+
+
+def filter_value(value: str) -> str:
+    """``value`` quoted for an MLflow filter string. MLflow's filter grammar has no escapes: a value
+    is quoted with whichever quote it does not hold (study names cannot hold ``"``, config.py)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise StorageError(f"MLflow cannot search for a value holding both kinds of quote: {value!r}")
+
+
 def trial_run_name(number: int) -> str:
     return f"trial-{number:04d}"
 
@@ -64,7 +89,8 @@ class Tracker:
     """The study's MLflow experiment and runs."""
 
     def __init__(self, uri: str | None = None):
-        self.uri = uri or tracking_uri()
+        # The password goes to MLflow's own variables, not into self.uri, which messages show.
+        self.uri = credentials_to_environment(uri or tracking_uri())
         self.local = self.uri == DEFAULT_TRACKING_URI
         if self.local:
             LOCAL_ARTIFACT_ROOT.mkdir(parents=True, exist_ok=True)
@@ -100,7 +126,7 @@ class Tracker:
     def parent_run_id(self, experiment_id: str, study: str) -> str | None:
         runs = self.client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'",
+            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = {filter_value(study)}",
             order_by=["attributes.start_time ASC"],
             max_results=1,
         )
@@ -168,7 +194,7 @@ class Tracker:
         while True:
             page = self.client.search_runs(
                 [experiment_id],
-                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
+                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = {filter_value(study)}",
                 max_results=1000,
                 page_token=token,
             )
@@ -200,8 +226,9 @@ class Tracker:
         for key, (steps, values) in (curves or {}).items():
             for step, value in zip(steps, values, strict=True):
                 _append_metric(entries, tags, key, value, int(step), now)
-        param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
-        tag_list = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        # Whatever a tag or param holds (a storage URL, an error message), never a password.
+        param_list = [Param(k, redact(_param_value(v))) for k, v in (params or {}).items()]
+        tag_list = [RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()]
         for batch in _batches(entries, param_list, tag_list):
             self.client.log_batch(run_id, **batch, synchronous=True)
 

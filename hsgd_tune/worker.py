@@ -20,6 +20,7 @@ dies). Other databases get no cross-process lock, so workers refuse them.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -42,8 +43,16 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.trial import FrozenTrial, TrialState
 
 from hsgd_tune.errors import ConfigError, DivergedError, StorageError
+from hsgd_tune.redact import redact
 from hsgd_tune.study import DEFAULT_JOURNAL, counts_towards_budget, fail_orphaned_trials, worker_identity
-from hsgd_tune.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker
+from hsgd_tune.tracking import (
+    ROLE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    Tracker,
+    credentials_to_environment,
+    filter_value,
+)
 
 #: Seconds between a running trial's heartbeats on PostgreSQL; a trial is stale after 3 missed.
 HEARTBEAT_S = 10
@@ -205,7 +214,7 @@ def fail_dead_runs(study: optuna.Study, tracker: Tracker, experiment_id: str) ->
         [experiment_id],
         filter_string=(
             f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'trial' "
-            f"and tags.`{STUDY_TAG}` = '{study.study_name}'"
+            f"and tags.`{STUDY_TAG}` = {filter_value(study.study_name)}"
         ),
         max_results=1000,
     )
@@ -365,13 +374,19 @@ def check_tracking(uri: str) -> None:
     retry for minutes, and only after the study had been created)."""
     if not uri.startswith(("http://", "https://")):
         return
+    uri = credentials_to_environment(uri)  # a credentialed URL: basic auth, as MLflow will send it
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user is not None and password is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
     except Exception as exc:
         reason = getattr(exc, "reason", exc)
         raise StorageError(
-            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {reason}"
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {redact(str(reason))}"
         ) from None
 
 
