@@ -273,7 +273,7 @@ def load_ranking(ref: str, storage: str | None = None, **overrides) -> tuple[Ran
     cfg = None
     path = Path(ref)
     if path.suffix == ".toml" or path.is_file():
-        cfg = load_study(path)
+        cfg = load_study(path, import_code=False)  # ranking runs no user code; certify/pick import it
         ref, storage = cfg.name, storage or cfg.run.storage
     study = lookup_study(storage, ref)
     if study is None:

@@ -21,7 +21,7 @@ from hsgd_tune.certify import certify_front
 from hsgd_tune.config import StudyConfig
 from hsgd_tune.data import Dataset, load_dataset
 from hsgd_tune.errors import ConfigError, HsgdError
-from hsgd_tune.models import model_spec
+from hsgd_tune.model_check import check_model
 from hsgd_tune.objective import Objective, config_params
 from hsgd_tune.study import (
     FAIL_REASON,
@@ -31,7 +31,6 @@ from hsgd_tune.study import (
     trials_done,
 )
 from hsgd_tune.tracking import Tracker
-from hsgd_tune.training import initial_model
 from hsgd_tune.worker import (
     StudyLock,
     WorkerOptions,
@@ -56,7 +55,10 @@ class RunSummary:
 def prepare(cfg: StudyConfig) -> Dataset:
     """Load the data and build the model once; every failure names the study file."""
     try:
-        data = load_dataset(cfg.data, cfg.seed)
+        try:
+            data = load_dataset(cfg.data, cfg.seed)
+        except MemoryError:
+            raise ConfigError("data", "must fit in memory (lower the split sizes)", cfg.data.source) from None
         largest_batch = max(_knob_values(cfg.search.batch_size))
         if largest_batch > len(data.train.y):
             raise ConfigError(
@@ -64,19 +66,30 @@ def prepare(cfg: StudyConfig) -> Dataset:
                 f"must not exceed the {len(data.train.y)} training examples",
                 largest_batch,
             )
-        try:
-            initial_model(model_spec(cfg.model, data.n_features, data.n_outputs, {}), cfg.seed)
-        except ConfigError:
-            raise
-        except Exception as exc:  # the user's factory failed: say so in one line
-            raise ConfigError(
-                "model.entry_point",
-                f"must build a model ({type(exc).__name__}: {exc})",
-                cfg.model.entry_point,
-            ) from None
+        n_parameters = check_model(cfg, data)  # built, one batch forward and backward, output size
+        check_recording_memory(cfg, n_parameters)
     except ConfigError as exc:
         raise exc.in_file(cfg.source_file) if cfg.source_file else exc from None
     return data
+
+
+def check_recording_memory(cfg: StudyConfig, n_parameters: int) -> None:
+    """Both recorded trajectories must fit in this machine's memory (float32 iterates, or sketches)."""
+    t = cfg.training
+    width = n_parameters if n_parameters <= t.sketch_above else t.sketch_dim
+    needed = 2 * (t.steps // t.record_every + 2) * width * 4
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no limit known
+        return
+    if needed > memory:
+        raise ConfigError(
+            "training.record_every",
+            f"records {t.steps // t.record_every + 2} iterates of {width} numbers per run "
+            f"({needed / 2**30:.3g} GiB), more than this machine's {memory / 2**30:.3g} GiB; "
+            "record less often",
+            t.record_every,
+        )
 
 
 def _knob_values(knob) -> list:
