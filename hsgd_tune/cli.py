@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -69,6 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hsgd-tune: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not is_store_failure(exc):
+            raise  # a bug: its traceback is what a report needs
+        reason = redact(" ".join(str(exc).split())[:500]) or type(exc).__name__
+        print(
+            f"hsgd-tune: error: a store or file could not be used ({type(exc).__name__}: {reason})",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """A failure of the disk or of a store (full disk, read-only file, a database or MLflow error),
+    not of this program: shown as one line, exit 1, like other storage problems."""
+    if isinstance(exc, OSError):
+        return True
+    module = type(exc).__module__
+    return module.startswith(("mlflow", "sqlalchemy", "optuna.storages", "optuna.exceptions", "psycopg"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -81,15 +100,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = with_run(load_study(args.study), n_trials=args.n_trials, timeout=args.timeout, storage=args.storage)
     from hsgd_tune.runner import run_study  # torch, Optuna, MLflow: seconds; a bad study file fails first
 
+    stop = None
     if args.workers != 1:  # K local worker processes; each prints a line per trial
         summary = cli_worker.run_local_workers(args, cfg)
     else:
-        summary = run_study(cfg, progress=not args.quiet)
+        from hsgd_tune.worker import GracefulStop, WorkerOptions
+
+        # Ctrl-C (or SIGTERM) once: the running trial finishes, then the run stops; twice: now (the
+        # trial is failed and its parameters queued again for the next run), as for `worker`.
+        stop = GracefulStop(threading.Event()).install()
+        try:
+            summary = run_study(cfg, progress=not args.quiet, worker=WorkerOptions(stop=stop.event))
+        finally:
+            stop.uninstall()
     print(
         f"{summary.study}: {summary.trials_done}/{summary.budget} trials finished "
         f"({summary.trials_run} this run). Ranking: hsgd-tune rank {args.study}"
     )
     _print_ranking(cfg)
+    if stop is not None and stop.signum is not None and summary.trials_done < summary.budget:
+        return 128 + stop.signum  # stopped on request before the budget was met; rerun to resume
     return 0
 
 

@@ -91,7 +91,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     options = WorkerOptions(stop=stop.event, lines=True, shared=True)
     if args.heartbeat is not None:
         options.heartbeat = args.heartbeat
-    summary = run_study(cfg, progress=False, worker=options)
+    try:
+        summary = run_study(cfg, progress=False, worker=options)
+    finally:
+        stop.uninstall()
     print(
         f"{summary.study}: {summary.trials_done}/{summary.budget} trials finished "
         f"({summary.trials_run} by this worker, pid {os.getpid()})",
@@ -107,6 +110,9 @@ def run_local_workers(args: argparse.Namespace, cfg):
     processes and wait for them. Signals are passed on, once: the workers run in their own
     process groups, so a Ctrl-C in the terminal does not reach them twice."""
     _positive("--workers", args.workers)
+    from hsgd_tune.tracking import check_tracking_uri, tracking_uri
+
+    check_tracking_uri(tracking_uri())
     from hsgd_tune.runner import RunSummary, prepare
     from hsgd_tune.study import create_or_resume, open_storage, trials_done
     from hsgd_tune.tracking import tracking_uri

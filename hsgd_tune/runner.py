@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,11 +27,12 @@ from hsgd_tune.objective import Objective, config_params
 from hsgd_tune.study import (
     FAIL_REASON,
     create_or_resume,
+    find_study,
     open_storage,
     storage_description,
     trials_done,
 )
-from hsgd_tune.tracking import Tracker
+from hsgd_tune.tracking import Tracker, check_tracking_uri, tracking_uri
 from hsgd_tune.worker import (
     StudyLock,
     WorkerOptions,
@@ -107,28 +109,35 @@ def run_study(
     data = prepare(cfg)
     options = worker or WorkerOptions()
     # Both stores are checked before either is written to: a bad one leaves nothing behind.
+    check_tracking_uri(tracker.uri if tracker is not None else tracking_uri())
     storage = open_storage(cfg.run.storage, heartbeat=options.heartbeat)
     lock = StudyLock(storage, cfg.run.storage, cfg.name)
     with lock():  # one study, one experiment, one parent run, whatever the number of workers
         tracker = tracker or Tracker()  # creating a local MLflow database must not race either
         check_tracking(tracker.uri)
-        experiment_id = tracker.experiment_id(cfg.experiment_name)
         entropy = secrets.randbits(63) if options.shared else None  # see WorkerOptions.shared
+        is_new = find_study(storage, cfg.name) is None
         study = create_or_resume(cfg, storage, entropy)
-        max_trials = study.user_attrs["max_trials"]
-        parent_id = open_parent_once(
-            study,
-            tracker,
-            experiment_id,
-            params=config_params(cfg),
-            tags={
-                "hsgd.fingerprint": cfg.fingerprint(),
-                "hsgd.storage": storage_description(cfg.run.storage),
-                "hsgd.objectives": ",".join(cfg.objectives),
-                "hsgd.max_trials": str(max_trials),
-                "hsgd.data": data.description,
-            },
-        )
+        try:
+            experiment_id = tracker.experiment_id(cfg.experiment_name)
+            max_trials = study.user_attrs["max_trials"]
+            parent_id = open_parent_once(
+                study,
+                tracker,
+                experiment_id,
+                params=config_params(cfg),
+                tags={
+                    "hsgd.fingerprint": cfg.fingerprint(),
+                    "hsgd.storage": storage_description(cfg.run.storage),
+                    "hsgd.objectives": ",".join(cfg.objectives),
+                    "hsgd.max_trials": str(max_trials),
+                    "hsgd.data": data.description,
+                },
+            )
+        except BaseException:
+            if is_new:  # made a moment ago, under the lock, by us: a failing MLflow store leaves no study
+                optuna.delete_study(study_name=cfg.name, storage=storage)
+            raise
     done_before = trials_done(study)
     remaining = max(cfg.run.n_trials - done_before, 0)
     objective = Objective(cfg, data, tracker, experiment_id, parent_id, max_trials)
@@ -147,7 +156,10 @@ def run_study(
         close_parent(study, tracker, parent_id, study_metrics(study), cfg.run.n_trials, stopped)
     if not options.stop.is_set():  # a worker asked to stop leaves it to the next run
         # [diagnostics] trials = "front": the trials skipped the certificate; the front gets it now.
-        certify_front(study, cfg, tracker, data, lock, say=_say(progress, options), stop=options.stop)
+        try:
+            certify_front(study, cfg, tracker, data, lock, say=_say(progress, options), stop=options.stop)
+        except HsgdError as exc:  # e.g. the trials' MLflow runs are gone: the trials themselves stand
+            warnings.warn(f"certificates after the study not computed: {exc}", stacklevel=1)
     return RunSummary(cfg.name, ran, trials_done(study), cfg.run.n_trials, experiment_id, parent_id)
 
 

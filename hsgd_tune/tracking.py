@@ -46,6 +46,19 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+#: Tracking-store URI schemes MLflow knows (before any ``+driver``); others fail at once, in one line.
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    scheme = uri.split("://")[0].split("+")[0].lower() if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise StorageError(
+            f"MLflow tracking store {redact(uri)} (MLFLOW_TRACKING_URI) cannot be used: unknown scheme "
+            f"{scheme!r} (use one of {', '.join(s for s in TRACKING_SCHEMES if s)})"
+        )
+
+
 def credentials_to_environment(uri: str) -> str:
     """``http://user:pw@host`` → ``http://host``, with user and password handed to MLflow through
     ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (unless those are set already), so the
@@ -98,7 +111,13 @@ class Tracker:
             # SQLite connections) by URI, so after a chdir a relative URI would still write to the
             # first directory's database while Optuna's journal follows the new directory.
             self.uri = f"sqlite:///{LOCAL_ARTIFACT_ROOT.parent.resolve() / 'mlflow.db'}"
-        self.client = MlflowClient(self.uri)
+        check_tracking_uri(self.uri)
+        try:
+            self.client = MlflowClient(self.uri)
+        except Exception as exc:
+            raise StorageError(
+                f"MLflow tracking store {self.uri} cannot be used: {_first_line(exc)}"
+            ) from None
         # MLflow announces creating and migrating its database at INFO; users need not see it.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 

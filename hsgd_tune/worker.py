@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -298,10 +299,20 @@ def run_one(study, trial: optuna.Trial, objective, tracker: Tracker, interval: i
         return _tell(study, trial, tracker, state=TrialState.PRUNED)
     except DivergedError:  # counts: the objective recorded its fail_reason
         return _tell(study, trial, tracker, state=TrialState.FAIL)
-    except BaseException:  # interrupted or a bug: fail it (it will be re-run) and stop
-        _tell(study, trial, tracker, state=TrialState.FAIL)
+    except BaseException as exc:  # interrupted or a bug: fail it and stop
+        frozen = _tell(study, trial, tracker, state=TrialState.FAIL)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            requeue(study, frozen)  # stopped by the user, not by its parameters: run them again
         raise
     return _tell(study, trial, tracker, values=values)
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue ``trial``'s parameters once more (the next ``run`` or worker takes them first). An
+    interrupt is not the trial's fault, so unlike a dead worker's trial there is no retry limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
 
 
 def _tell(study, trial, tracker: Tracker, values=None, state=None) -> FrozenTrial:
@@ -413,11 +424,18 @@ class GracefulStop:
 
     def __init__(self, event: threading.Event):
         self.event, self.signum = event, None
+        self.previous: dict[int, Any] = {}
 
     def install(self) -> GracefulStop:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before (the command is over)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
 
     def _handle(self, signum, frame) -> None:
         if self.event.is_set():
