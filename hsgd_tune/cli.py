@@ -9,6 +9,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from hsgd_tune import cli_advisor, cli_worker
 from hsgd_tune.errors import ConfigError, HsgdError
@@ -28,8 +29,16 @@ the Pareto-front trials get their PAC-Bayes certificate ([diagnostics] trials = 
 default; "all" computes it inside every trial, at several times the cost of training)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake shown like every other mistake: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"hsgd-tune: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hsgd-tune", description=DESCRIPTION)
+    parser = _Parser(prog="hsgd-tune", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run or resume a tuning study", description=RUN_HELP)

@@ -224,7 +224,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     ranking, cfg = _ranking(args)
     out = args.out or child_path(Path("mlruns/reports"), ranking.name)
-    page = write_report(ranking, cfg, Tracker(), out, log_to_mlflow=not args.no_mlflow, force=args.force)
+    page = write_report(
+        ranking, cfg, Tracker(must_exist=True), out, log_to_mlflow=not args.no_mlflow, force=args.force
+    )
     print(f"{ranking.summary()}\nreport: {page}")
     return 0
 
@@ -257,7 +259,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
     print(f"{study.study_name}: certifying {which} ({', '.join(map(str, numbers))})", flush=True)
     lock = _study_lock(args, study, cfg)
     results = certify(
-        study, cfg, Tracker(), numbers, on_trial=lambda r: print(r.line(), flush=True), lock=lock
+        study,
+        cfg,
+        Tracker(must_exist=True),
+        numbers,
+        on_trial=lambda r: print(r.line(), flush=True),
+        lock=lock,
     )
     max_trials = study.user_attrs["max_trials"]
     print(f"\n{format_results(results)}\n")

@@ -109,12 +109,13 @@ def run_study(
     data = prepare(cfg)
     options = worker or WorkerOptions()
     # Both stores are checked before either is written to: a bad one leaves nothing behind.
-    check_tracking_uri(tracker.uri if tracker is not None else tracking_uri())
+    uri = tracker.uri if tracker is not None else tracking_uri()
+    check_tracking_uri(uri)
+    check_tracking(uri)  # a server that is down: before the journal file is created
     storage = open_storage(cfg.run.storage, heartbeat=options.heartbeat)
     lock = StudyLock(storage, cfg.run.storage, cfg.name)
     with lock():  # one study, one experiment, one parent run, whatever the number of workers
         tracker = tracker or Tracker()  # creating a local MLflow database must not race either
-        check_tracking(tracker.uri)
         entropy = secrets.randbits(63) if options.shared else None  # see WorkerOptions.shared
         is_new = find_study(storage, cfg.name) is None
         study = create_or_resume(cfg, storage, entropy)

@@ -51,12 +51,20 @@ TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http"
 
 
 def check_tracking_uri(uri: str) -> None:
+    """A tracking URI that cannot work fails here, in one line, before any store is touched."""
     scheme = uri.split("://")[0].split("+")[0].lower() if "://" in uri else ""
     if scheme not in TRACKING_SCHEMES:
         raise StorageError(
             f"MLflow tracking store {redact(uri)} (MLFLOW_TRACKING_URI) cannot be used: unknown scheme "
             f"{scheme!r} (use one of {', '.join(s for s in TRACKING_SCHEMES if s)})"
         )
+    if scheme == "sqlite" and uri != DEFAULT_TRACKING_URI:  # the default's folder is ours to create
+        folder = Path(uri.split(":///", 1)[-1]).parent
+        if not folder.is_dir():
+            raise StorageError(
+                f"MLflow tracking store {redact(uri)} (MLFLOW_TRACKING_URI) cannot be used: "
+                f"its folder {folder} does not exist"
+            )
 
 
 def credentials_to_environment(uri: str) -> str:
@@ -101,10 +109,17 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """The study's MLflow experiment and runs."""
 
-    def __init__(self, uri: str | None = None):
+    def __init__(self, uri: str | None = None, must_exist: bool = False):
+        """``must_exist``: the default local store must be there already (commands that read a
+        study's runs; MLflow would quietly create an empty database in place of a deleted one)."""
         # The password goes to MLflow's own variables, not into self.uri, which messages show.
         self.uri = credentials_to_environment(uri or tracking_uri())
         self.local = self.uri == DEFAULT_TRACKING_URI
+        database = LOCAL_ARTIFACT_ROOT.parent / "mlflow.db"
+        if self.local and must_exist and not database.exists():
+            raise StorageError(
+                f"the MLflow database {database} does not exist (deleted?): the study's runs are gone"
+            )
         if self.local:
             LOCAL_ARTIFACT_ROOT.mkdir(parents=True, exist_ok=True)
             # Pin the relative default to this directory: MLflow caches stores (and their open
