@@ -4,6 +4,7 @@ work end to end (MLflow filter strings are quoted, not pasted)."""
 from __future__ import annotations
 
 import base64
+import os
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -18,7 +19,7 @@ from hsgd_tune.cli import main
 from hsgd_tune.errors import StorageError
 from hsgd_tune.redact import redact, split_credentials
 from hsgd_tune.tracking import Tracker, filter_value
-from hsgd_tune.worker import check_tracking
+from hsgd_tune.worker import check_tracking, database_url
 
 SECRET = "hunter2"
 
@@ -108,8 +109,6 @@ def test_a_credentialed_tracking_url_authenticates_and_keeps_the_password_out_of
     check_tracking(url)  # the server answers 401 without the right basic auth
     tracker = Tracker(url)
     assert tracker.uri == f"http://{auth_server}"
-    import os
-
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob"  # how MLflow's client sends them
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == SECRET
 
@@ -164,7 +163,7 @@ def test_a_storage_password_is_stored_and_shown_nowhere(
     assert main(["rank", "tiny.toml", "--storage", postgres_with_password]) == 0
     out, err = capsys.readouterr()
     assert SECRET not in out + err
-    study = optuna.load_study(study_name="tiny", storage=postgres_with_password)
+    study = optuna.load_study(study_name="tiny", storage=database_url(postgres_with_password))
     assert SECRET not in repr(study.user_attrs) and "postgres:***@" in study.user_attrs["config"]
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("hsgd-tiny")
