@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 
-from hsgd_tune.config import OBJECTIVES
+from hsgd_tune.config import OBJECTIVES, child_path
 from hsgd_tune.errors import ConfigError, HsgdError
 
 RANK_HELP = """\
@@ -88,6 +89,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     report.add_argument(
         "--no-mlflow", action="store_true", help="do not log the report to the study's parent run"
+    )
+    report.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an existing folder that is not a report (its files are kept; same names replaced)",
     )
 
     certify = sub.add_parser(
@@ -171,6 +177,11 @@ def _study_args(parser: argparse.ArgumentParser, rule: bool = True) -> None:
 def _ranking(args: argparse.Namespace):
     from hsgd_tune.ranking import load_ranking
 
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise ConfigError(
+            "--tolerance", "must be a finite non-negative fraction of the best value", args.tolerance
+        )
+
     return load_ranking(
         args.study, args.storage, tolerance=args.tolerance, within=args.within, prefer=args.prefer
     )
@@ -211,9 +222,15 @@ def write_text_atomically(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all (a temporary file renamed into place)."""
     if not path.parent.is_dir():
         raise ConfigError("--out", "must be in an existing folder", str(path))
+    if path.is_dir():
+        raise ConfigError("--out", "must be a file, not a folder", str(path))
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError("--out", f"must be a file we can write ({exc.strerror})", str(path)) from None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -221,8 +238,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from hsgd_tune.tracking import Tracker
 
     ranking, cfg = _ranking(args)
-    out = args.out or Path("mlruns/reports") / ranking.name
-    page = write_report(ranking, cfg, Tracker(), out, log_to_mlflow=not args.no_mlflow)
+    out = args.out or child_path(Path("mlruns/reports"), ranking.name)
+    page = write_report(
+        ranking, cfg, Tracker(must_exist=True), out, log_to_mlflow=not args.no_mlflow, force=args.force
+    )
     print(f"{ranking.summary()}\nreport: {page}")
     return 0
 
@@ -255,7 +274,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
     print(f"{study.study_name}: certifying {which} ({', '.join(map(str, numbers))})", flush=True)
     lock = _study_lock(args, study, cfg)
     results = certify(
-        study, cfg, Tracker(), numbers, on_trial=lambda r: print(r.line(), flush=True), lock=lock
+        study,
+        cfg,
+        Tracker(must_exist=True),
+        numbers,
+        on_trial=lambda r: print(r.line(), flush=True),
+        lock=lock,
     )
     print(f"\n{format_results(results)}\n")
     print(
@@ -281,6 +305,14 @@ def cmd_pick(args: argparse.Namespace) -> int:
 
     if args.trial is not None and args.trial < 0:
         raise ConfigError("--trial", "must be a trial number (0 or more)", args.trial)
+    if args.model_name is not None and (
+        not args.model_name.strip() or any(c in args.model_name for c in "/:")
+    ):
+        raise ConfigError(
+            "--model-name", "must be a non-empty name without '/' or ':' (MLflow's rule)", args.model_name
+        )
+    if args.out is not None and args.out.is_dir():
+        raise ConfigError("--out", "must be a file, not a folder (even with --force)", str(args.out))
     ranking, cfg = _ranking(args)
     lock = _study_lock(args, ranking.study, cfg)
     for line in pick(

@@ -329,6 +329,28 @@ def _one_of(table: _Table, name: str, allowed: tuple[str, ...], default: Any = _
 # ---------------------------------------------------------------------------------------------
 
 
+#: Sizes beyond these are typing mistakes, not studies (a synthetic set with 10**9 features, 10**12
+#: SGD steps): refused with the rule rather than met with a MemoryError mid-way.
+LIMITS = {
+    "data.synthetic.n_features": 100_000,
+    "data.synthetic.n_classes": 10_000,
+    "data.synthetic.hidden": 100_000,
+    "data.n_train": 100_000_000,
+    "data.n_val": 100_000_000,
+    "data.n_reference": 100_000_000,
+    "data.n_test": 100_000_000,
+    "training.steps": 100_000_000,
+    "training.sketch_dim": 100_000,
+}
+
+
+def _check_limits(cfg: Any, prefix: str) -> None:
+    for key, limit in LIMITS.items():
+        section, _, name = key.rpartition(".")
+        if section == prefix and (value := getattr(cfg, name)) is not None and value > limit:
+            raise ConfigError(key, f"must be at most {limit:_}", value)
+
+
 def _read_synthetic(t: _Table) -> SyntheticConfig:
     cfg = SyntheticConfig(
         kind=_one_of(t, "kind", ("teacher", "mixture"), "teacher"),
@@ -341,6 +363,7 @@ def _read_synthetic(t: _Table) -> SyntheticConfig:
         raise ConfigError(t.key("n_classes"), "must be at least 2", cfg.n_classes)
     if cfg.noise < 0:
         raise ConfigError(t.key("noise"), "must be non-negative", cfg.noise)
+    _check_limits(cfg, "data.synthetic")
     t.done()
     return cfg
 
@@ -377,6 +400,7 @@ def _read_data(t: _Table, base_dir: Path) -> DataConfig:
         raise ConfigError(t.key("n_test"), "must be non-negative", cfg.n_test)
     if cfg.task == "regression" and source in ("digits", "breast_cancer", "wine"):
         raise ConfigError(t.key("task"), f"must be classification for {source}", cfg.task)
+    _check_limits(cfg, "data")
     t.done()
     return cfg
 
@@ -518,6 +542,7 @@ def _read_training(t: _Table) -> TrainingConfig:
     )
     if cfg.record_every > cfg.steps:
         raise ConfigError(t.key("record_every"), f"must not exceed steps = {cfg.steps}", cfg.record_every)
+    _check_limits(cfg, "training")
     t.done()
     return cfg
 
@@ -589,27 +614,78 @@ def _read_run(t: _Table) -> RunConfig:
     return cfg
 
 
-def _check_entry_point(spec: str, base_dir: Path) -> None:
-    """Fail at load time, not mid-study, when a user's ``module:function`` cannot be imported."""
+#: A study name becomes a folder name (``mlruns/reports/<name>``), part of a file name (``pick``'s
+#: export), an MLflow experiment and model name and a quoted value in MLflow filter strings, so it is
+#: kept to characters that are safe in all of them: letters and digits (any script), space and
+#: ``_ - . ' + , @ ( )``; no slash, no double quote, no control character.
+NAME_MAX_LENGTH = 100
+_NAME_PUNCTUATION = frozenset(" _-.'+,@()")
+
+
+def check_study_name(name: str, key: str = "name") -> str:
+    """``name`` if it is a safe study name, else a ConfigError saying which rule it breaks."""
+    rule = None
+    if not name or name != name.strip():
+        rule = "must be non-empty, without leading or trailing spaces"
+    elif len(name) > NAME_MAX_LENGTH:
+        rule = f"must be at most {NAME_MAX_LENGTH} characters"
+    elif name.startswith("."):  # '.', '..', and hidden names: a folder of that name is not the study's
+        rule = "must not start with a dot"
+    elif bad := [c for c in name if not (c.isalnum() or c in _NAME_PUNCTUATION)]:
+        rule = (
+            "may hold only letters, digits, spaces and _ - . ' + , @ ( ) "
+            f"(not {bad[0]!r}: names become folder names and MLflow filter values)"
+        )
+    if rule is not None:
+        raise ConfigError(key, rule, name)
+    return name
+
+
+def child_path(parent: Path, name: str) -> Path:
+    """``parent / name`` for a name from the user or a study, refused unless it stays inside ``parent``
+    (defence in depth: names are checked when a study is created, but a study made by an older
+    version, or a name typed on the command line, is not)."""
+    path = parent / name
+    if path.parent != parent or not path.resolve().is_relative_to(parent.resolve()) or name in (".", ".."):
+        raise ConfigError("name", f"must not lead outside {parent}", name)
+    return path
+
+
+def _check_entry_point(spec: str, base_dir: Path, import_code: bool) -> None:
+    """Fail at load time, not mid-study, when a user's ``module:function`` cannot be imported.
+    Importing runs the user's code: commands that only read a study pass ``import_code=False``."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError("model.entry_point", "must look like 'module:function'", spec)
     if str(base_dir) not in sys.path:
         sys.path.insert(0, str(base_dir))
+    if import_code:
+        import_entry_point(spec)
+
+
+def import_entry_point(spec: str) -> Any:
+    """The callable a ``module:function`` entry point names; every failure of the user's module
+    (an exception, or ``sys.exit`` while it is imported) is one ConfigError naming it."""
+    module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:  # the module ran a script's exit on import
+        rule = f"module must import without exiting (it called sys.exit({exc.code!r}) on import)"
+        raise ConfigError("model.entry_point", rule, spec) from None
     except Exception as exc:  # any import failure is the user's module's, report it in one line
-        raise ConfigError("model.entry_point", f"module must import ({exc})", spec) from None
-    if not callable(getattr(module, attr, None)):
+        reason = str(exc) or type(exc).__name__
+        raise ConfigError("model.entry_point", f"module must import ({reason})", spec) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
         raise ConfigError("model.entry_point", f"must name a callable in {module_name}", spec)
+    return factory
 
 
-def parse_study(raw: dict[str, Any], base_dir: Path) -> StudyConfig:
-    """Validate an already-parsed TOML document (relative paths resolve against ``base_dir``)."""
+def parse_study(raw: dict[str, Any], base_dir: Path, import_code: bool = True) -> StudyConfig:
+    """Validate an already-parsed TOML document (relative paths resolve against ``base_dir``).
+    ``import_code``: import a user entry point's module (this runs its code) to check it."""
     top = _Table(raw, "")
-    name = top.get("name", "str")
-    if not name.strip() or any(c in name for c in "/\\\n"):
-        raise ConfigError("name", "must be a non-empty name without slashes", name)
+    name = check_study_name(top.get("name", "str"))
     model = _read_model(top.table("model"))
     cfg = StudyConfig(
         name=name,
@@ -639,12 +715,14 @@ def parse_study(raw: dict[str, Any], base_dir: Path) -> StudyConfig:
         rule = "may name 'certificate' only when certificate.enabled"
         raise ConfigError("objectives.minimize", rule, "certificate")
     if model.entry_point is not None:
-        _check_entry_point(model.entry_point, base_dir)
+        _check_entry_point(model.entry_point, base_dir, import_code)
     return cfg
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Read and validate a study file; every failure is a ConfigError naming ``path``."""
+def load_study(path: str | Path, import_code: bool = True) -> StudyConfig:
+    """Read and validate a study file; every failure is a ConfigError naming ``path``. A study file
+    with a model entry point runs code: ``import_code=False`` only checks its form (for commands
+    that read a study and build no model)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -657,7 +735,7 @@ def load_study(path: str | Path) -> StudyConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(syntax)", "must be valid TOML", str(exc), file=path) from None
     try:
-        cfg = parse_study(raw, path.resolve().parent)
+        cfg = parse_study(raw, path.resolve().parent, import_code)
     except ConfigError as exc:
         raise exc.in_file(path) from None
     return dataclasses.replace(cfg, source_file=path)

@@ -19,6 +19,7 @@ the problem is in its content).
 
 from __future__ import annotations
 
+import csv
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -284,6 +285,7 @@ def _read_csv(cfg: Any, task: str | None, seed: int = 0) -> _Table:
         reason = " ".join(str(exc).split())[:200]
         raise DataError("data.path", f"CSV file cannot be read ({reason})", str(path), file=path) from None
 
+    _check_unique_header(path, target)
     columns = list(frame.columns)
     if target not in columns:
         raise DataError(
@@ -385,6 +387,22 @@ def _read_csv(cfg: Any, task: str | None, seed: int = 0) -> _Table:
         feature_names=tuple(str(c) for c in features),
         classes=classes,
     )
+
+
+def _check_unique_header(path: Path, target: str) -> None:
+    """pandas renames a repeated column ``a`` to ``a.1``: a repeated target would silently become a
+    feature, so a repeated name is an error, named."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        header = next(csv.reader(handle), [])
+    seen, repeated = set(), []
+    for name in header:
+        if name in seen and name not in repeated:
+            repeated.append(name)
+        seen.add(name)
+    if repeated:
+        what = "the target column" if target in repeated else "column names"
+        rule = f"CSV header must not repeat {what} (repeated: {_short_list(repeated)})"
+        raise DataError("data.path", rule, str(path), file=path)
 
 
 def _first_non_numeric(series: pd.Series) -> tuple[int, Any]:

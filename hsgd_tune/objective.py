@@ -6,6 +6,7 @@ reused by ``train`` commands, benchmarks and tests; :class:`Objective` wraps it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -236,7 +237,12 @@ class Objective:
                 run_id, "FAIL", tags={"hsgd.fail_reason": f"{type(exc).__name__}: {exc}"[:500]}
             )
             raise
-        self._log(trial, run_id, outcome)
+        try:
+            self._log(trial, run_id, outcome)
+        except BaseException as exc:  # a full disk, a read-only store: the run must not stay RUNNING
+            with contextlib.suppress(Exception):  # best effort: the store may refuse this too
+                self.tracker.finish_trial(run_id, "FAIL", tags={"hsgd.fail_reason": f"logging failed: {exc}"})
+            raise
         return tuple(outcome.objective(name) for name in self.cfg.objectives)
 
     def _log(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome) -> None:

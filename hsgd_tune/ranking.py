@@ -202,6 +202,10 @@ def rank_study(study: optuna.Study, rule: RankConfig) -> Ranking:
     if table.empty or not (table["state"] == "COMPLETE").any():
         raise HsgdError(f"study {study.study_name!r} has no finished trials yet; run it first")
     attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
+    for key, name in (("within", rule.within), ("prefer", rule.prefer)):
+        if name not in table and name not in METRIC_ATTRS:  # e.g. certificate, when not an objective
+            known = sorted({*study.user_attrs.get("objectives", []), *METRIC_ATTRS})
+            raise ConfigError(f"--{key} (or rank.{key})", f"must be one of {', '.join(known)}", name)
     for name in (rule.within, rule.prefer):
         if name not in table:
             table[name] = [attrs[n].get(METRIC_ATTRS[name], np.nan) for n in table["trial"]]
@@ -273,7 +277,7 @@ def load_ranking(ref: str, storage: str | None = None, **overrides) -> tuple[Ran
     cfg = None
     path = Path(ref)
     if path.suffix == ".toml" or path.is_file():
-        cfg = load_study(path)
+        cfg = load_study(path, import_code=False)  # ranking runs no user code; certify/pick import it
         ref, storage = cfg.name, storage or cfg.run.storage
     study = lookup_study(storage, ref)
     if study is None:

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hsgd_tune import grid
 from hsgd_tune.config import Knob, StudyConfig
 from hsgd_tune.errors import ConfigError, StorageError
+from hsgd_tune.redact import redact
 
 DEFAULT_JOURNAL = Path("mlruns/optuna-journal.log")
 
@@ -32,7 +33,8 @@ FAIL_REASON = "fail_reason"
 
 
 def storage_description(url: str | None) -> str:
-    return url or f"journal file {DEFAULT_JOURNAL}"
+    """The storage as users may see it: where it is, never its password."""
+    return redact(url) or f"journal file {DEFAULT_JOURNAL}"
 
 
 def open_storage(url: str | None, heartbeat: int | None = None) -> BaseStorage:
@@ -47,7 +49,8 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> BaseStorage:
 
         return open_database(url, heartbeat or HEARTBEAT_S)
     except Exception as exc:
-        raise StorageError(f"Optuna storage {url!r} cannot be used: {str(exc).splitlines()[0]}") from None
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise StorageError(f"Optuna storage {redact(url)!r} cannot be used: {redact(reason)}") from None
 
 
 def make_sampler(
@@ -184,7 +187,7 @@ def create_or_resume(
             study.set_user_attr("fingerprint", cfg.fingerprint())
             study.set_user_attr("grid_size", cfg.grid_size)
             study.set_user_attr("objectives", list(cfg.objectives))
-            study.set_user_attr("config", json.dumps(cfg.to_dict()))
+            study.set_user_attr("config", json.dumps(stored_dict(cfg)))
     _check_resumable(cfg, study)
     study.sampler = make_sampler(cfg, len(study.trials), worker_entropy)
     return study
@@ -202,6 +205,13 @@ def check_union_over_grid(study: optuna.Study, file: Path | None = None) -> None
             study.study_name,
             file=file,
         )
+
+
+def stored_dict(cfg: StudyConfig) -> dict[str, Any]:
+    """The config as the study keeps it: the storage URL without its password."""
+    raw = cfg.to_dict()
+    raw["run"]["storage"] = redact(raw["run"]["storage"])
+    return raw
 
 
 def _check_resumable(cfg: StudyConfig, study: optuna.Study) -> None:
