@@ -37,6 +37,8 @@ OBJECTIVES = (
     "decoupling_distance",
     "train_loss",
     "certificate",
+    "heldout_loss",  # the S-model on H (hsgd_tune/heldout.py)
+    "crossfit_loss",  # mean of the S-model on H and the H-model on S
 )
 #: Knobs the trainer itself understands; they leave the theory's scope (plain SGD), so trials using
 #: them are tagged as such. Other knob names are passed to a user model's entry point.

@@ -22,7 +22,8 @@ from hsgd_tune.bound import TrajectoryBound, trajectory_bound
 from hsgd_tune.config import NOISE_KNOBS, TRAINING_KNOBS, StudyConfig
 from hsgd_tune.data import Dataset
 from hsgd_tune.diagnostics import Measurements, measure
-from hsgd_tune.errors import DivergedError
+from hsgd_tune.errors import ConfigError, DivergedError
+from hsgd_tune.heldout import HeldOut, heldout_estimates
 from hsgd_tune.models import ModelSpec, model_spec
 from hsgd_tune.sketch import sketch_assumptions
 from hsgd_tune.study import FAIL_REASON, sample_params, worker_identity
@@ -38,6 +39,7 @@ class TrialOutcome:
     run: TwinRun
     bound: TrajectoryBound
     measured: Measurements | None = None  # certificate/…, tail/…, analytic/… (diagnostics.py)
+    heldout: HeldOut | None = None  # val/…_se, heldout/…, crossfit/… (heldout.py)
 
     def metrics(self) -> dict[str, float]:
         """Final metrics, every bound term and timings, namespaced (``val/loss``, ``bound/…``)."""
@@ -51,8 +53,10 @@ class TrialOutcome:
         if self.measured is not None:
             timings = {f"time/{k}_s": v for k, v in self.measured.seconds.items()}
             measured = {**self.measured.metrics, **timings}
+        estimates = self.heldout.metrics() if self.heldout is not None else {}
         return {
             **self.run.final,
+            **estimates,
             **self.bound.metrics(),
             **seconds,
             **sizes,
@@ -67,10 +71,16 @@ class TrialOutcome:
             "risk_bound": self.bound.risk_bound,
             "gap_bound": self.bound.gap_bound,
             "decoupling_distance": self.bound.decoupling_distance,
+            "heldout_loss": self._estimate("heldout/loss"),
+            "crossfit_loss": self._estimate("crossfit/loss"),
             "certificate": self.measured.metrics.get("certificate/bound", math.nan)
             if self.measured
             else math.nan,
         }[name]
+
+    def _estimate(self, key: str) -> float:
+        """A held-out estimate, NaN when it was not computed (a NaN objective fails the trial)."""
+        return self.heldout.metrics().get(key, math.nan) if self.heldout is not None else math.nan
 
     def tags(self) -> dict[str, str]:
         """The assumption behind each bound term, and whether the trial is inside the theory."""
@@ -81,6 +91,8 @@ class TrialOutcome:
         outside = self.settings.outside_theory
         tags["hsgd.theory"] = "outside: " + ", ".join(outside) if outside else "plain SGD (inside)"
         tags["hsgd.vacuous.risk_bound"] = str(self.bound.risk_bound_vacuous).lower()
+        if self.heldout is not None:
+            tags |= self.heldout.tags()
         if self.measured is not None:
             tags |= self.measured.tags
             tags["hsgd.delta_split"] = "δ_t/2 for the trajectory bound, δ_t/2 for the certificate"
@@ -153,7 +165,14 @@ def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials
             cfg, data, settings, run, bound, delta_certificate=certificate_delta(cfg, max_trials)
         )
         run.seconds["diagnostics"] = time.perf_counter() - started
-    outcome = TrialOutcome(params, settings, spec, run, bound, measured)
+    started = time.perf_counter()
+    heldout = heldout_estimates(data, run)
+    run.seconds["heldout"] = time.perf_counter() - started
+    if "crossfit_loss" in cfg.objectives and "crossfit" in heldout.skipped:  # every trial would fail
+        raise ConfigError(
+            "objectives.minimize", f"cannot use crossfit_loss: {heldout.skipped['crossfit']}", "crossfit_loss"
+        )
+    outcome = TrialOutcome(params, settings, spec, run, bound, measured, heldout)
     for name in cfg.objectives:
         if not math.isfinite(outcome.objective(name)):
             raise DivergedError(f"objective {name} is {outcome.objective(name)}", settings.steps)
@@ -229,6 +248,8 @@ class Objective:
             trial.set_user_attr(key, value)
         for key in ("val/loss", "val/error", "train/loss"):
             trial.set_user_attr(key, outcome.run.final[key])
+        for key, value in (outcome.heldout.metrics() if outcome.heldout is not None else {}).items():
+            trial.set_user_attr(key, value)  # held-out estimates and their SEs, for rank's rules
         measured = outcome.measured.metrics if outcome.measured is not None else {}
         for key in SUMMARY_MEASURES:  # for rank and report, when the trial measured them itself
             if math.isfinite(measured.get(key, math.nan)):
