@@ -146,6 +146,13 @@ def _study_args(parser: argparse.ArgumentParser, rule: bool = True) -> None:
             help="recommendation: the metric the tolerance applies to (default: [rank] within, val_loss)",
         )
         parser.add_argument(
+            "--standard-errors",
+            type=float,
+            metavar="K",
+            help="recommendation: widen the band by K standard errors of the best trial's `within` "
+            "estimate (val_loss, heldout_loss, crossfit_loss; default: [rank] standard_errors, 0)",
+        )
+        parser.add_argument(
             "--prefer",
             choices=OBJECTIVES,
             help="recommendation: the metric minimised among those trials "
@@ -157,20 +164,27 @@ def _ranking(args: argparse.Namespace):
     from hsgd_tune.ranking import load_ranking
 
     return load_ranking(
-        args.study, args.storage, tolerance=args.tolerance, within=args.within, prefer=args.prefer
+        args.study,
+        args.storage,
+        tolerance=args.tolerance,
+        within=args.within,
+        prefer=args.prefer,
+        standard_errors=args.standard_errors,
     )
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from hsgd_tune.ranking import render, study_certificates, with_certificates, write_to_mlflow
+    from hsgd_tune.ranking import CERTIFICATE, render, trial_certificates, with_certificates, write_to_mlflow
     from hsgd_tune.tracking import Tracker
 
     fmt = args.format or _format_from_suffix(args.out)
     ranking, cfg = _ranking(args)
     tracker = None if args.no_mlflow else Tracker()
     if tracker is not None:  # certificates computed after the study live in MLflow only
-        certificates = study_certificates(ranking.study, tracker, cfg.experiment_name)
-        ranking = dataclasses.replace(ranking, table=with_certificates(ranking.table, certificates))
+        found = trial_certificates(ranking.study, tracker, cfg.experiment_name)
+        certificates = {n: c[CERTIFICATE] for n, c in found.items() if CERTIFICATE in c}
+        table = with_certificates(ranking.table, certificates)
+        ranking = dataclasses.replace(ranking, table=table, certificates=found)
     text = render(ranking, fmt)
     if args.out is not None:
         write_text_atomically(args.out, text)

@@ -175,12 +175,14 @@ class RunConfig:
 @dataclass(frozen=True)
 class RankConfig:
     """How ``rank`` recommends one trial: among the finished trials whose ``within`` metric is at most
-    ``(1 + tolerance)`` times the best, the one with the smallest ``prefer`` metric. Like ``[run]``,
-    it changes no trial's result, so it is not part of the fingerprint."""
+    ``best + tolerance·|best| + standard_errors·SE(best)``, the one with the smallest ``prefer`` metric
+    (SE: the standard error of the best trial's estimate; ``within`` must then be an estimate that
+    has one). Like ``[run]``, it changes no trial's result, so it is not part of the fingerprint."""
 
     within: str = "val_loss"
     tolerance: float = 0.05
     prefer: str = "risk_bound"
+    standard_errors: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -550,13 +552,32 @@ def _read_rank(t: _Table) -> RankConfig:
         within=_one_of(t, "within", OBJECTIVES, "val_loss"),
         tolerance=t.get("tolerance", "float", 0.05),
         prefer=_one_of(t, "prefer", OBJECTIVES, "risk_bound"),
+        standard_errors=t.get("standard_errors", "float", 0.0),
     )
     if cfg.tolerance < 0:
         raise ConfigError(
             t.key("tolerance"), "must be non-negative (a fraction of the best value)", cfg.tolerance
         )
+    check_standard_errors(cfg, t.key("standard_errors"))
     t.done()
     return cfg
+
+
+#: Objectives that are estimates with a standard error (hsgd_tune/heldout.py), usable with
+#: ``[rank] standard_errors``.
+ESTIMATES = ("val_loss", "heldout_loss", "crossfit_loss")
+
+
+def check_standard_errors(rule: RankConfig, key: str) -> None:
+    """``standard_errors`` must be >= 0 and needs a ``within`` that has a standard error."""
+    if rule.standard_errors < 0:
+        raise ConfigError(key, "must be non-negative (a number of standard errors)", rule.standard_errors)
+    if rule.standard_errors and rule.within not in ESTIMATES:
+        raise ConfigError(
+            key,
+            f"needs [rank] within to be an estimate with a standard error ({', '.join(ESTIMATES)})",
+            rule.within,
+        )
 
 
 def _read_run(t: _Table) -> RunConfig:
