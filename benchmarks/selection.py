@@ -320,10 +320,10 @@ def paired(diff: np.ndarray) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def comparison(picked: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, set, n_val, rule): Δ test loss against the peer (mean, 95 % interval), W/T/L."""
+def comparison(picked: pd.DataFrame, baseline: str = PEER) -> pd.DataFrame:
+    """Per (task, set, n_val, rule): Δ test loss against ``baseline`` (mean, 95 % interval), W/T/L."""
     keys = ["task", "set", "seed", "n_val"]
-    base = picked[picked.rule == PEER].set_index(keys).test_loss
+    base = picked[picked.rule == baseline].set_index(keys).test_loss
     out = []
     for (task, kind, n_val, rule), rows in picked.groupby(["task", "set", "n_val", "rule"], sort=False):
         diff = (rows.set_index(keys).test_loss - base.loc[rows.set_index(keys).index]).to_numpy()
@@ -344,6 +344,28 @@ def comparison(picked: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(out)
+
+
+def overview(compared: pd.DataFrame, versus_v: pd.DataFrame) -> pd.DataFrame:
+    """Per rule, over every (task, set, n_val) cell: how often its 95 % interval against the peer
+    lies wholly above 0 (worse) or below 0 (better), the mean Δ; and against ``val (V)`` at n_val = 50."""
+    small = versus_v[versus_v.n_val == min(VAL_SIZES)].groupby("rule", sort=False)
+    rows = []
+    for rule, cells in compared.groupby("rule", sort=False):
+        if rule == PEER:
+            continue
+        v = small.get_group(rule)
+        rows.append(
+            {
+                "rule": rule,
+                "cells worse than peer": f"{int((cells.low > 0).sum())} of {len(cells)}",
+                "cells better than peer": f"{int((cells.high < 0).sum())} of {len(cells)}",
+                "mean Δ vs peer": f"{cells.delta.mean():+.4f}",
+                "n_val=50: cells better than val (V)": f"{int((v.high < 0).sum())} of {len(v)}",
+                "n_val=50: mean Δ vs val (V)": f"{v.delta.mean():+.4f}",
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def tables(compared: pd.DataFrame) -> str:
@@ -387,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     trials = pd.concat(parts, ignore_index=True)
     picked = selections(trials)
     compared = comparison(picked)
+    versus_v = comparison(picked, baseline="val (V)")
     suffix = "-quick" if args.quick else ""
     RESULTS.mkdir(exist_ok=True)
     picked.to_csv(RESULTS / f"selection{suffix}-picks.csv", index=False)
@@ -400,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         + "- diverged (not candidates): "
         + ", ".join(f"{t} {k} {v}" for (t, k), v in diverged.items())
         + "\n- cell: mean Δ test loss vs the peer (val on V ∪ H) [paired 95 % interval] win/tie/loss\n\n"
+        + "**Overview** (a cell: one task, candidate set and n_val; worse/better: the paired 95 % "
+        + "interval lies wholly above/below 0)\n\n"
+        + markdown(overview(compared, versus_v))
+        + "\n\n"
         + tables(compared)
     )
     (RESULTS / f"selection{suffix}.md").write_text(text)

@@ -16,8 +16,11 @@ from hsgd_tune.errors import ConfigError, HsgdError
 RANK_HELP = """\
 Rank a study's trials and recommend one. Pareto ranks over the study's objectives (1 = the front, 2 =
 the front once rank 1 is removed, ...; 0 = not finished). The recommended trial: among the finished
-trials whose `within` metric (default val_loss) is within `tolerance` (default 5%%) of the best, the one
-with the smallest `prefer` metric (default risk_bound); set in the study file's [rank] table or here.
+trials whose `within` metric is within `tolerance` (a fraction) plus `standard-errors` standard errors
+of the best, the one with the smallest `prefer` metric; set in the study file's [rank] table or here.
+The default is the trial with the smallest crossfit_loss (the mean of the S-model's loss on H and the
+H-model's loss on S); rank explains its answer below the table (the estimate ± its standard error, the
+certificates, the runner-up and why it lost).
 The ranks and the recommendation are written to the MLflow runs (tags hsgd.pareto_rank,
 hsgd.recommended, metric rank/pareto_rank), so the MLflow UI can sort and filter by them."""
 
@@ -138,12 +141,12 @@ def _study_args(parser: argparse.ArgumentParser, rule: bool = True) -> None:
             type=float,
             metavar="F",
             help="recommendation: how far, as a fraction of the best `within` value, a trial may be "
-            "(default: [rank] tolerance, 0.05)",
+            "(default: [rank] tolerance, 0)",
         )
         parser.add_argument(
             "--within",
             choices=OBJECTIVES,
-            help="recommendation: the metric the tolerance applies to (default: [rank] within, val_loss)",
+            help="recommendation: the metric the band applies to (default: [rank] within, crossfit_loss)",
         )
         parser.add_argument(
             "--standard-errors",

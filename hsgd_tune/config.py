@@ -179,9 +179,11 @@ class RankConfig:
     (SE: the standard error of the best trial's estimate; ``within`` must then be an estimate that
     has one). Like ``[run]``, it changes no trial's result, so it is not part of the fingerprint."""
 
-    within: str = "val_loss"
-    tolerance: float = 0.05
-    prefer: str = "risk_bound"
+    # The default (the smallest cross-fit loss) is the rule that benchmarks/selection.py found never
+    # worse than validating on V ∪ H and better than V alone with small V (benchmarks/README.md).
+    within: str = "crossfit_loss"
+    tolerance: float = 0.0
+    prefer: str = "risk_bound"  # breaks exact ties only, with tolerance = standard_errors = 0
     standard_errors: float = 0.0
 
 
@@ -195,7 +197,7 @@ class StudyConfig:
     device: str = "cpu"
     training: TrainingConfig = TrainingConfig()
     bound: BoundConfig = BoundConfig()
-    objectives: tuple[str, ...] = ("val_loss", "risk_bound")
+    objectives: tuple[str, ...] = ("crossfit_loss", "risk_bound")
     certificate: CertificateConfig = CertificateConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -526,7 +528,7 @@ def _read_bound(t: _Table) -> BoundConfig:
 
 
 def _read_objectives(t: _Table) -> tuple[str, ...]:
-    names = t.get("minimize", "list", ["val_loss", "risk_bound"])
+    names = t.get("minimize", "list", list(StudyConfig.objectives))
     if not names:
         raise ConfigError(t.key("minimize"), "must name at least one objective", names)
     for i, name in enumerate(names):
@@ -549,9 +551,9 @@ def _read_sampler(t: _Table) -> SamplerConfig:
 
 def _read_rank(t: _Table) -> RankConfig:
     cfg = RankConfig(
-        within=_one_of(t, "within", OBJECTIVES, "val_loss"),
-        tolerance=t.get("tolerance", "float", 0.05),
-        prefer=_one_of(t, "prefer", OBJECTIVES, "risk_bound"),
+        within=_one_of(t, "within", OBJECTIVES, RankConfig.within),
+        tolerance=t.get("tolerance", "float", RankConfig.tolerance),
+        prefer=_one_of(t, "prefer", OBJECTIVES, RankConfig.prefer),
         standard_errors=t.get("standard_errors", "float", 0.0),
     )
     if cfg.tolerance < 0:

@@ -34,6 +34,10 @@ BOUND_COLUMNS = (
 )
 
 
+#: Estimates shown next to the objectives when they are not objectives themselves (user attributes).
+ESTIMATE_COLUMNS = {"val_loss": "val/loss", "crossfit_loss": "crossfit/loss"}
+
+
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, sampled params, objectives, bound terms, Pareto rank."""
     objectives = study.user_attrs.get("objectives") or [
@@ -50,6 +54,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 for col in BOUND_COLUMNS
                 if col.split("/")[1] not in objectives
             }
+        )
+        row.update(
+            {col: t.user_attrs.get(col, np.nan) for n, col in ESTIMATE_COLUMNS.items() if n not in objectives}
         )
         row["fail_reason"] = t.user_attrs.get(FAIL_REASON, "")
         rows.append(row)
