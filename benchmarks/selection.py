@@ -91,6 +91,20 @@ TASKS = {
     },
 }
 VAL_SIZES = (50, 100, 200)
+#: The rules of :func:`picks`, in the order the tables list them.
+RULES = (
+    "val (V)",
+    "val (V∪H)",
+    "heldout (H)",
+    "crossfit",
+    "crossfit+V",
+    "heldout cert",
+    "1-SE crossfit → gap bound",
+    "1-SE crossfit → heldout cert",
+    "1-SE V∪H → gap bound",
+    "old default",
+    "oracle",
+)
 DELTA = 0.05
 PEER = "val (V∪H)"
 
@@ -368,6 +382,39 @@ def overview(compared: pd.DataFrame, versus_v: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pooled(picked: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Per (rule, n_val), over every task, candidate set and seed: the paired Δ test loss against
+    ``baseline`` (mean, 95 % interval), the same relative to the baseline's test loss (tasks differ in
+    scale), and win/tie/loss."""
+    keys = ["task", "set", "seed", "n_val"]
+    base = picked[picked.rule == baseline].set_index(keys).test_loss
+    rows = []
+    for (rule, n_val), one in picked.groupby(["rule", "n_val"], sort=False):
+        if rule == baseline:
+            continue
+        one = one.set_index(keys).test_loss
+        diff = (one - base.loc[one.index]).to_numpy()
+        mean, low, high = paired(diff)
+        rel, rel_low, rel_high = (100 * v for v in paired(diff / base.loc[one.index].to_numpy()))
+        rows.append(
+            {
+                "rule": rule,
+                "n_val": n_val,
+                "Δ test loss": f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]",
+                "relative Δ": f"{rel:+.1f} % [{rel_low:+.1f}, {rel_high:+.1f}]",
+                "win / tie / loss": f"{(diff < 0).sum()} / {(diff == 0).sum()} / {(diff > 0).sum()}",
+            }
+        )
+    return pd.DataFrame(rows).sort_values(["rule", "n_val"], key=_rule_order, kind="stable")
+
+
+def _rule_order(column: pd.Series) -> pd.Series:
+    """Sort rules in the order :func:`picks` lists them (other columns sort as they are)."""
+    if column.name != "rule":
+        return column
+    return column.map({name: i for i, name in enumerate(RULES)})
+
+
 def tables(compared: pd.DataFrame) -> str:
     """Markdown: one table per (task, set); a row per rule, a column per n_val."""
     sections = []
@@ -426,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         + "**Overview** (a cell: one task, candidate set and n_val; worse/better: the paired 95 % "
         + "interval lies wholly above/below 0)\n\n"
         + markdown(overview(compared, versus_v))
+        + "\n\n**Pooled over the 4 tasks and 2 candidate sets** (80 paired picks per row), against the "
+        + f"peer\n\n{markdown(pooled(picked, PEER))}\n\n**The same against val (V)**\n\n"
+        + markdown(pooled(picked, "val (V)"))
         + "\n\n"
         + tables(compared)
     )

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from benchmarks.selection import PEER, heldout_certificate, one_se_pick, paired, picks, tolerance_pick
+from benchmarks.selection import PEER, RULES, heldout_certificate, one_se_pick, paired, picks, tolerance_pick
 from hsgd_tune.bound import binary_kl
 
 
@@ -67,3 +67,4 @@ def test_picks_on_two_trials_where_validation_and_crossfit_disagree():
     assert chosen["val (V)"] == 0  # only the first 2 rows of V count
     assert chosen[PEER] == 1 and chosen["crossfit"] == 1 and chosen["heldout cert"] == 1
     assert chosen["oracle"] == 1
+    assert tuple(chosen) == RULES  # the tables list every rule, in this order
