@@ -223,7 +223,8 @@ class Ranking:
 
     ``order`` lists the finished trials' numbers in the rule's order (the recommendation first);
     ``band`` is the upper edge of the rule's band on ``rule.within``; ``certificates`` maps a trial
-    number to the certificates read from MLflow (the Optuna trial holds those computed inside it)."""
+    number to the certificates read from MLflow (the Optuna trial holds only those computed inside
+    it); None when MLflow was not read."""
 
     study: optuna.Study
     table: pd.DataFrame
@@ -231,7 +232,7 @@ class Ranking:
     recommended: int | None
     order: list[int] = dataclasses.field(default_factory=list)
     band: float = math.nan
-    certificates: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    certificates: dict[int, dict[str, float]] | None = None  # None: MLflow was not read
 
     @property
     def name(self) -> str:
@@ -263,7 +264,10 @@ class Ranking:
             lines.append(f"  tie-break: {prefer} = {self._row(self.recommended)[prefer]:.4g}")
         certificates = self.certificates_of(self.recommended)
         shown = ", ".join(f"{k} ≤ {v:.4g} ({CERTIFICATES[k]})" for k, v in certificates.items())
-        lines.append(f"  certificates: {shown or 'none yet (hsgd-tune certify computes them)'}")
+        if not shown:
+            read = self.certificates is not None
+            shown = "none yet (hsgd-tune certify computes them)" if read else "not read (MLflow not asked)"
+        lines.append(f"  certificates: {shown}")
         if len(self.order) > 1:
             lines.append(f"  runner-up: {self._runner_up()}")
         return lines
@@ -275,7 +279,7 @@ class Ranking:
     def certificates_of(self, number: int) -> dict[str, float]:
         attrs = self.trial(number).user_attrs
         found = {k: float(attrs[k]) for k in CERTIFICATES if k in attrs}
-        found |= {k: v for k, v in self.certificates.get(number, {}).items() if k in CERTIFICATES}
+        found |= {k: v for k, v in (self.certificates or {}).get(number, {}).items() if k in CERTIFICATES}
         return {k: found[k] for k in CERTIFICATES if k in found and math.isfinite(found[k])}
 
     def _row(self, number: int) -> pd.Series:
@@ -308,8 +312,8 @@ class Ranking:
             return f"{head}: outside the band ({within} ≤ {self.band:.4g})"
         diff = b[within] - a[within]
         se = math.hypot(self._se(best, within), self._se(second, within))
-        noise = f", {diff / se:.1f} standard errors of the difference (unpaired)" if se > 0 else ""
-        return f"{head}: larger by {diff:.4g}{noise}"
+        noise = f", {diff / se:.2g} standard errors of the difference (unpaired)" if se > 0 else ""
+        return f"{head}: larger by {diff:.2g}{noise}"
 
 
 def _params(trial: FrozenTrial) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -134,8 +135,10 @@ def test_plain_rule_runner_up_lost_by_a_difference_in_standard_errors(tmp_path):
     study = study_with(tmp_path, [attrs(0.30, 0.03, 5.0), attrs(0.35, 0.04, 2.0)])
     ranking = rank_study(study, RankConfig("crossfit_loss", 0.0, "crossfit_loss"))
     (runner_up,) = [line for line in ranking.explain() if "runner-up" in line]
-    assert runner_up.endswith("larger by 0.05, 1.0 standard errors of the difference (unpaired)")
-    assert "certificates: none yet" in "\n".join(ranking.explain())
+    assert runner_up.endswith("larger by 0.05, 1 standard errors of the difference (unpaired)")
+    assert "certificates: not read (MLflow not asked)" in "\n".join(ranking.explain())
+    read = dataclasses.replace(ranking, certificates={})  # MLflow read, no certificate there either
+    assert "certificates: none yet (hsgd-tune certify computes them)" in "\n".join(read.explain())
 
 
 def test_json_names_the_rule_the_recommendation_and_the_runner_up(tmp_path):
