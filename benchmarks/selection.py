@@ -59,7 +59,7 @@ from hsgd_tune.bound import kl_inverse_upper
 from hsgd_tune.config import StudyConfig, parse_study
 from hsgd_tune.data import Dataset, DataWarning, load_dataset
 from hsgd_tune.errors import DivergedError
-from hsgd_tune.heldout import per_example
+from hsgd_tune.heldout import crossfit_mean_se, mean_se, per_example, pooled_mean_se
 from hsgd_tune.objective import evaluate
 
 #: S, H, V, T of each task. Digits: 1797 rows; breast cancer: 569 rows (100 + 100 + 200 + 169).
@@ -266,23 +266,22 @@ def tolerance_pick(estimate: np.ndarray, prefer: np.ndarray, tolerance: float) -
     return int(admissible[order[0]])
 
 
-def _mean_se(arrays) -> tuple[np.ndarray, np.ndarray]:
-    means = np.array([a.mean() for a in arrays])
-    ses = np.array([a.std(ddof=1) / math.sqrt(len(a)) for a in arrays])
-    return means, ses
+def _per_trial(estimate, *columns) -> tuple[np.ndarray, np.ndarray]:
+    """``estimate`` (a hsgd_tune.heldout function) of each trial's arrays: means (t,), SEs (t,)."""
+    pairs = np.array([estimate(*arrays) for arrays in zip(*columns, strict=True)])  # (t, 2)
+    return pairs[:, 0], pairs[:, 1]
 
 
 def picks(trials: pd.DataFrame, n_val: int, task: str) -> dict[str, int]:
     """Row position (in ``trials``, finished trials only) each rule picks with ``n_val`` V rows."""
     val = [v[:n_val] for v in trials.val_loss]
-    val_mean, _ = _mean_se(val)
-    peer_mean, peer_se = _mean_se(
-        [np.concatenate([v, h]) for v, h in zip(val, trials.held_loss, strict=True)]
-    )
-    held_mean, held_se = _mean_se(trials.held_loss)
-    cross_mean, cross_se = _mean_se(trials.cross_loss)
-    crossfit, crossfit_se = (held_mean + cross_mean) / 2, np.sqrt(held_se**2 + cross_se**2) / 2
-    crossfit_v = (peer_mean + cross_mean) / 2
+    val_mean, _ = _per_trial(mean_se, val)
+    peer_mean, peer_se = _per_trial(pooled_mean_se, val, trials.held_loss)  # the plain search's estimate
+    held_mean, _ = _per_trial(mean_se, trials.held_loss)
+    crossfit, crossfit_se = _per_trial(crossfit_mean_se, trials.held_loss, trials.cross_loss)
+    crossfit_v = _per_trial(
+        lambda v, h, c: crossfit_mean_se(np.concatenate([v, h]), c), val, trials.held_loss, trials.cross_loss
+    )[0]
     errors = trials.held_error if task == "classification" else trials.held_loss
     cert = np.array([heldout_certificate(e, len(trials), task) for e in errors])
     gap = trials.gap_bound.to_numpy(dtype=float)
