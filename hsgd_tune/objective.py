@@ -200,6 +200,9 @@ def write_artifacts(outcome: TrialOutcome, folder: Path) -> None:
     )
 
 
+#: Held-out estimates kept in the Optuna trial too, with their standard errors (rank's rules use them).
+RANK_ESTIMATES = ("val/loss_se", "heldout/loss", "heldout/loss_se", "crossfit/loss", "crossfit/loss_se")
+
 #: Diagnostics kept in the Optuna trial too when measured inside it (report.py draws a heatmap of α̂;
 #: the certificate is read from MLflow, where certificates computed after the study also are).
 SUMMARY_MEASURES = ("tail/alpha",)
@@ -248,8 +251,10 @@ class Objective:
             trial.set_user_attr(key, value)
         for key in ("val/loss", "val/error", "train/loss"):
             trial.set_user_attr(key, outcome.run.final[key])
-        for key, value in (outcome.heldout.metrics() if outcome.heldout is not None else {}).items():
-            trial.set_user_attr(key, value)  # held-out estimates and their SEs, for rank's rules
+        estimates = outcome.heldout.metrics() if outcome.heldout is not None else {}
+        for key in RANK_ESTIMATES:  # for rank's rules; the errors go to MLflow only (fewer writes)
+            if key in estimates:
+                trial.set_user_attr(key, estimates[key])
         measured = outcome.measured.metrics if outcome.measured is not None else {}
         for key in SUMMARY_MEASURES:  # for rank and report, when the trial measured them itself
             if math.isfinite(measured.get(key, math.nan)):

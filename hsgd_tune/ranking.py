@@ -264,10 +264,8 @@ class Ranking:
             lines.append(f"  tie-break: {prefer} = {self._row(self.recommended)[prefer]:.4g}")
         certificates = self.certificates_of(self.recommended)
         shown = ", ".join(f"{k} ≤ {v:.4g} ({CERTIFICATES[k]})" for k, v in certificates.items())
-        if not shown:
-            read = self.certificates is not None
-            shown = "none yet (hsgd-tune certify computes them)" if read else "not read (MLflow not asked)"
-        lines.append(f"  certificates: {shown}")
+        if shown or self.certificates is not None:  # unknown without MLflow (--no-mlflow): no line
+            lines.append(f"  certificates: {shown or 'none yet (hsgd-tune certify computes them)'}")
         if len(self.order) > 1:
             lines.append(f"  runner-up: {self._runner_up()}")
         return lines
