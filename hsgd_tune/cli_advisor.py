@@ -17,8 +17,11 @@ from hsgd_tune.errors import ConfigError, HsgdError
 RANK_HELP = """\
 Rank a study's trials and recommend one. Pareto ranks over the study's objectives (1 = the front, 2 =
 the front once rank 1 is removed, ...; 0 = not finished). The recommended trial: among the finished
-trials whose `within` metric (default val_loss) is within `tolerance` (default 5%%) of the best, the one
-with the smallest `prefer` metric (default risk_bound); set in the study file's [rank] table or here.
+trials whose `within` metric is within `tolerance` (a fraction) plus `standard-errors` standard errors
+of the best, the one with the smallest `prefer` metric; set in the study file's [rank] table or here.
+The default is the trial with the smallest crossfit_loss (the mean of the S-model's loss on H and the
+H-model's loss on S); rank explains its answer below the table (the estimate ± its standard error, the
+certificates, the runner-up and why it lost).
 The ranks and the recommendation are written to the MLflow runs (tags hsgd.pareto_rank,
 hsgd.recommended, metric rank/pareto_rank), so the MLflow UI can sort and filter by them."""
 
@@ -159,12 +162,19 @@ def _study_args(parser: argparse.ArgumentParser, rule: bool = True) -> None:
             type=float,
             metavar="F",
             help="recommendation: how far, as a fraction of the best `within` value, a trial may be "
-            "(default: [rank] tolerance, 0.05)",
+            "(default: [rank] tolerance, 0)",
         )
         parser.add_argument(
             "--within",
             choices=OBJECTIVES,
-            help="recommendation: the metric the tolerance applies to (default: [rank] within, val_loss)",
+            help="recommendation: the metric the band applies to (default: [rank] within, crossfit_loss)",
+        )
+        parser.add_argument(
+            "--standard-errors",
+            type=float,
+            metavar="K",
+            help="recommendation: widen the band by K standard errors of the best trial's `within` "
+            "estimate (val_loss, heldout_loss, crossfit_loss; default: [rank] standard_errors, 0)",
         )
         parser.add_argument(
             "--prefer",
@@ -183,20 +193,27 @@ def _ranking(args: argparse.Namespace):
         )
 
     return load_ranking(
-        args.study, args.storage, tolerance=args.tolerance, within=args.within, prefer=args.prefer
+        args.study,
+        args.storage,
+        tolerance=args.tolerance,
+        within=args.within,
+        prefer=args.prefer,
+        standard_errors=args.standard_errors,
     )
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from hsgd_tune.ranking import render, study_certificates, with_certificates, write_to_mlflow
+    from hsgd_tune.ranking import CERTIFICATE, render, trial_certificates, with_certificates, write_to_mlflow
     from hsgd_tune.tracking import Tracker
 
     fmt = args.format or _format_from_suffix(args.out)
     ranking, cfg = _ranking(args)
     tracker = None if args.no_mlflow else Tracker()
     if tracker is not None:  # certificates computed after the study live in MLflow only
-        certificates = study_certificates(ranking.study, tracker, cfg.experiment_name)
-        ranking = dataclasses.replace(ranking, table=with_certificates(ranking.table, certificates))
+        found = trial_certificates(ranking.study, tracker, cfg.experiment_name)
+        certificates = {n: c[CERTIFICATE] for n, c in found.items() if CERTIFICATE in c}
+        table = with_certificates(ranking.table, certificates)
+        ranking = dataclasses.replace(ranking, table=table, certificates=found)
     text = render(ranking, fmt)
     if args.out is not None:
         write_text_atomically(args.out, text)

@@ -38,6 +38,8 @@ OBJECTIVES = (
     "decoupling_distance",
     "train_loss",
     "certificate",
+    "heldout_loss",  # the S-model on H (hsgd_tune/heldout.py)
+    "crossfit_loss",  # mean of the S-model on H and the H-model on S
 )
 #: Knobs the trainer itself understands; they leave the theory's scope (plain SGD), so trials using
 #: them are tagged as such. Other knob names are passed to a user model's entry point.
@@ -182,12 +184,16 @@ class RunConfig:
 @dataclass(frozen=True)
 class RankConfig:
     """How ``rank`` recommends one trial: among the finished trials whose ``within`` metric is at most
-    ``(1 + tolerance)`` times the best, the one with the smallest ``prefer`` metric. Like ``[run]``,
-    it changes no trial's result, so it is not part of the fingerprint."""
+    ``best + tolerance·|best| + standard_errors·SE(best)``, the one with the smallest ``prefer`` metric
+    (SE: the standard error of the best trial's estimate; ``within`` must then be an estimate that
+    has one). Like ``[run]``, it changes no trial's result, so it is not part of the fingerprint."""
 
-    within: str = "val_loss"
-    tolerance: float = 0.05
-    prefer: str = "risk_bound"
+    # The default (the smallest cross-fit loss) is the rule that benchmarks/selection.py found never
+    # worse than validating on V ∪ H and better than V alone with small V (benchmarks/README.md).
+    within: str = "crossfit_loss"
+    tolerance: float = 0.0
+    prefer: str = "risk_bound"  # breaks exact ties only, with tolerance = standard_errors = 0
+    standard_errors: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,7 @@ class StudyConfig:
     device: str = "cpu"
     training: TrainingConfig = TrainingConfig()
     bound: BoundConfig = BoundConfig()
-    objectives: tuple[str, ...] = ("val_loss", "risk_bound")
+    objectives: tuple[str, ...] = ("crossfit_loss", "risk_bound")
     certificate: CertificateConfig = CertificateConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -568,7 +574,7 @@ def _read_bound(t: _Table) -> BoundConfig:
 
 
 def _read_objectives(t: _Table) -> tuple[str, ...]:
-    names = t.get("minimize", "list", ["val_loss", "risk_bound"])
+    names = t.get("minimize", "list", list(StudyConfig.objectives))
     if not names:
         raise ConfigError(t.key("minimize"), "must name at least one objective", names)
     for i, name in enumerate(names):
@@ -591,16 +597,35 @@ def _read_sampler(t: _Table) -> SamplerConfig:
 
 def _read_rank(t: _Table) -> RankConfig:
     cfg = RankConfig(
-        within=_one_of(t, "within", OBJECTIVES, "val_loss"),
-        tolerance=t.get("tolerance", "float", 0.05),
-        prefer=_one_of(t, "prefer", OBJECTIVES, "risk_bound"),
+        within=_one_of(t, "within", OBJECTIVES, RankConfig.within),
+        tolerance=t.get("tolerance", "float", RankConfig.tolerance),
+        prefer=_one_of(t, "prefer", OBJECTIVES, RankConfig.prefer),
+        standard_errors=t.get("standard_errors", "float", 0.0),
     )
     if cfg.tolerance < 0:
         raise ConfigError(
             t.key("tolerance"), "must be non-negative (a fraction of the best value)", cfg.tolerance
         )
+    check_standard_errors(cfg, t.key("standard_errors"))
     t.done()
     return cfg
+
+
+#: Objectives that are estimates with a standard error (hsgd_tune/heldout.py), usable with
+#: ``[rank] standard_errors``.
+ESTIMATES = ("val_loss", "heldout_loss", "crossfit_loss")
+
+
+def check_standard_errors(rule: RankConfig, key: str) -> None:
+    """``standard_errors`` must be >= 0 and needs a ``within`` that has a standard error."""
+    if rule.standard_errors < 0:
+        raise ConfigError(key, "must be non-negative (a number of standard errors)", rule.standard_errors)
+    if rule.standard_errors and rule.within not in ESTIMATES:
+        raise ConfigError(
+            key,
+            f"needs [rank] within to be an estimate with a standard error ({', '.join(ESTIMATES)})",
+            rule.within,
+        )
 
 
 def _read_run(t: _Table) -> RunConfig:

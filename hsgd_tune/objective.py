@@ -24,7 +24,8 @@ from hsgd_tune.bound import TrajectoryBound, trajectory_bound
 from hsgd_tune.config import NOISE_KNOBS, TRAINING_KNOBS, StudyConfig
 from hsgd_tune.data import Dataset
 from hsgd_tune.diagnostics import Measurements, heldout, measure, trajectory_measures
-from hsgd_tune.errors import DivergedError
+from hsgd_tune.errors import ConfigError, DivergedError
+from hsgd_tune.heldout import HeldOut, heldout_estimates
 from hsgd_tune.models import ModelSpec, model_spec
 from hsgd_tune.sketch import sketch_assumptions
 from hsgd_tune.study import FAIL_REASON, sample_params, worker_identity
@@ -40,8 +41,9 @@ class TrialOutcome:
     run: TwinRun
     bound: TrajectoryBound
     measured: Measurements | None = None  # certificate/…, tail/…, analytic/… (diagnostics.py)
-    heldout: Measurements | None = None  # certificate/heldout_… (every trial)
+    certified_heldout: Measurements | None = None  # certificate/heldout_… (every trial)
     deltas: dict[str, float] = field(default_factory=dict)  # each statement's share of δ_λ
+    heldout: HeldOut | None = None  # val/…_se, heldout/…, crossfit/… estimates (heldout.py)
 
     def metrics(self) -> dict[str, float]:
         """Final metrics, every bound term and timings, namespaced (``val/loss``, ``bound/…``)."""
@@ -55,11 +57,13 @@ class TrialOutcome:
         if self.measured is not None:
             timings = {f"time/{k}_s": v for k, v in self.measured.seconds.items()}
             measured = {**self.measured.metrics, **timings}
-        if self.heldout is not None:
-            measured |= self.heldout.metrics
+        if self.certified_heldout is not None:
+            measured |= self.certified_heldout.metrics
         measured |= {f"bound/delta_{k}": v for k, v in self.deltas.items()}
+        estimates = self.heldout.metrics() if self.heldout is not None else {}
         return {
             **self.run.final,
+            **estimates,
             **self.bound.metrics(),
             **seconds,
             **sizes,
@@ -74,10 +78,16 @@ class TrialOutcome:
             "risk_bound": self.bound.risk_bound,
             "gap_bound": self.bound.gap_bound,
             "decoupling_distance": self.bound.decoupling_distance,
+            "heldout_loss": self._estimate("heldout/loss"),
+            "crossfit_loss": self._estimate("crossfit/loss"),
             "certificate": self.measured.metrics.get("certificate/bound", math.nan)
             if self.measured
             else math.nan,
         }[name]
+
+    def _estimate(self, key: str) -> float:
+        """A held-out estimate, NaN when it was not computed (a NaN objective fails the trial)."""
+        return self.heldout.metrics().get(key, math.nan) if self.heldout is not None else math.nan
 
     def tags(self) -> dict[str, str]:
         """The assumption behind each bound term, and whether the trial is inside the theory."""
@@ -88,8 +98,10 @@ class TrialOutcome:
         outside = self.settings.outside_theory
         tags["hsgd.theory"] = "outside: " + ", ".join(outside) if outside else "plain SGD (inside)"
         tags["hsgd.vacuous.risk_bound"] = str(self.bound.risk_bound_vacuous).lower()
+        if self.certified_heldout is not None:
+            tags |= self.certified_heldout.tags
         if self.heldout is not None:
-            tags |= self.heldout.tags
+            tags |= self.heldout.tags()
         if self.measured is not None:
             tags |= self.measured.tags
         tags["hsgd.delta_split"] = DELTA_SPLIT
@@ -171,7 +183,14 @@ def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any]) -> TrialOu
         started = time.perf_counter()
         measured = measure(cfg, data, settings, run, bound, deltas)
         run.seconds["diagnostics"] = time.perf_counter() - started
-    outcome = TrialOutcome(params, settings, spec, run, bound, measured, held, deltas)
+    started = time.perf_counter()
+    estimates = heldout_estimates(data, run)
+    run.seconds["heldout_estimates"] = time.perf_counter() - started
+    if "crossfit_loss" in cfg.objectives and "crossfit" in estimates.skipped:  # every trial would fail
+        raise ConfigError(
+            "objectives.minimize", f"cannot use crossfit_loss: {estimates.skipped['crossfit']}", "crossfit_loss"
+        )
+    outcome = TrialOutcome(params, settings, spec, run, bound, measured, held, deltas, estimates)
     for name in cfg.objectives:
         if not math.isfinite(outcome.objective(name)):
             raise DivergedError(f"objective {name} is {outcome.objective(name)}", settings.steps)
@@ -198,6 +217,9 @@ def write_artifacts(outcome: TrialOutcome, folder: Path) -> None:
         json.dumps({"params": outcome.params, "metrics": outcome.metrics()}, indent=2)
     )
 
+
+#: Held-out estimates kept in the Optuna trial too, with their standard errors (rank's rules use them).
+RANK_ESTIMATES = ("val/loss_se", "heldout/loss", "heldout/loss_se", "crossfit/loss", "crossfit/loss_se")
 
 #: Diagnostics kept in the Optuna trial too when measured inside it (report.py draws a heatmap of α̂;
 #: the certificate is read from MLflow, where certificates computed after the study also are).
@@ -251,6 +273,10 @@ class Objective:
             trial.set_user_attr(key, value)
         for key in ("val/loss", "val/error", "train/loss"):
             trial.set_user_attr(key, outcome.run.final[key])
+        estimates = outcome.heldout.metrics() if outcome.heldout is not None else {}
+        for key in RANK_ESTIMATES:  # for rank's rules; the errors go to MLflow only (fewer writes)
+            if key in estimates:
+                trial.set_user_attr(key, estimates[key])
         measured = outcome.measured.metrics if outcome.measured is not None else {}
         for key in SUMMARY_MEASURES:  # for rank and report, when the trial measured them itself
             if math.isfinite(measured.get(key, math.nan)):

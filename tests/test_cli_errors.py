@@ -135,7 +135,7 @@ CASES = [
     ),
     Case(
         "unknown-objective",
-        lambda d: _replace(_base(), '"val_loss", "risk_bound"', '"val_loss", "accuracy"'),
+        lambda d: _replace(_base(), '"crossfit_loss", "risk_bound"', '"crossfit_loss", "accuracy"'),
         "objectives.minimize[1]",
         "'accuracy'",
     ),

@@ -99,7 +99,7 @@ def test_quickstart_loads_with_its_values_and_the_defaults():
     )
     assert (cfg.bound.delta, cfg.bound.loss_clip, cfg.bound.lipschitz_subsample) == (0.05, 5.0, 64)
     assert cfg.bound.grid_size is None and cfg.grid_size == 21 * 5  # δ is divided over Λ
-    assert cfg.objectives == ("val_loss", "risk_bound")
+    assert cfg.objectives == ("crossfit_loss", "risk_bound")
     assert cfg.sampler.kind == "tpe" and cfg.sampler.grid_points == 5
     assert cfg.run.n_trials == 20 and cfg.run.timeout is None and cfg.run.storage is None
     assert cfg.experiment_name == "hsgd-quickstart"
@@ -110,7 +110,8 @@ def test_minimal_study_gets_every_default(tmp_path):
     cfg = _parse(tmp_path)
     assert cfg.data.n_reference is None and cfg.model.widths == (64, 64)
     assert cfg.training.steps == 1000 and cfg.training.record_every == 20
-    assert cfg.bound.delta == 0.05 and cfg.objectives == ("val_loss", "risk_bound")
+    assert cfg.bound.delta == 0.05 and cfg.objectives == ("crossfit_loss", "risk_bound")
+    assert (cfg.rank.within, cfg.rank.tolerance, cfg.rank.standard_errors) == ("crossfit_loss", 0.0, 0.0)
     assert cfg.sampler.kind == "tpe" and cfg.run.n_trials == 20 and cfg.grid_size == 11 * 2
 
 

@@ -210,7 +210,7 @@ def test_small_study_runs_and_logs_one_child_run_per_trial(small_study):
             assert key in metrics, key
             assert math.isfinite(metrics[key]), key
         # The Optuna objectives are the logged metrics.
-        assert t.values[0] == pytest.approx(metrics["val/loss"], abs=1e-12)
+        assert t.values[0] == pytest.approx(metrics["crossfit/loss"], abs=1e-12)
         assert t.values[1] == pytest.approx(metrics["bound/risk_bound"], rel=1e-12)
         assert float(params["learning_rate"]) == t.params["learning_rate"]
         assert int(params["batch_size"]) == t.params["batch_size"]
