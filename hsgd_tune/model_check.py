@@ -26,6 +26,11 @@ def check_model(cfg: StudyConfig, data: Dataset) -> int:
     """Raise a ConfigError when the study's model cannot train on its data (any model kind; the
     built-in ones pass by construction, so this costs them one tiny forward pass). Returns the
     model's number of parameters."""
+    with torch.enable_grad():  # the caller may be inside torch.no_grad(); the check needs a backward
+        return _check(cfg, data)
+
+
+def _check(cfg: StudyConfig, data: Dataset) -> int:
     knobs = model_knobs(cfg)
     spec_text = cfg.model.entry_point
     if spec_text is not None:
