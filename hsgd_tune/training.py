@@ -5,14 +5,26 @@ the only thing that differs is the data they see (DESIGN.md §2, "Reference dyna
 trajectory is then independent of S, which is what the bound needs.
 
 Runs are advanced in lock step: every step is one forward and one backward pass over a stacked
-batch of shape (2, b, d). For the built-in models the weights are stacked too, (2, out, in), and the
-pass is a batched matrix product, so two runs cost about one; a user's ``nn.Module`` is stepped as two
-copies inside the same loop.
+batch of shape (2, b, d). Four ways of holding the two runs (``make_twin``):
+
+* :class:`StackedTwin` (built-in MLP and linear model): weights stacked (2, out, in), a batched matrix
+  product per layer and a hand-written backward pass, so two runs cost about one;
+* :class:`ConvTwin` (built-in CNN): the two runs' channels side by side in one grouped convolution
+  (``groups=2``) per layer, autograd for the backward pass;
+* :class:`FuncTwin` (a user's ``nn.Module``): parameters stacked (2, ...), ``torch.func.vmap`` over
+  ``functional_call``;
+* :class:`SequentialTwin` (a user's ``nn.Module``): two copies, each its own forward in the same loop.
+
+For a user's model :func:`choose_twin` times a few steps of ``FuncTwin`` and ``SequentialTwin`` on the
+trial's first minibatch and keeps the faster (vmap is not always faster: small layers pay its
+dispatch); the choice is recorded with the run (``TwinRun.twin``). All four compute the same SGD
+steps up to float rounding (tests/test_training.py, tests/test_perf_equivalence.py).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +37,14 @@ from torch.func import functional_call, grad, vmap
 
 from hsgd_tune.data import Dataset, Split
 from hsgd_tune.errors import DivergedError
-from hsgd_tune.models import ModelSpec, build_model, count_parameters, linear_layers, load_flat_parameters
+from hsgd_tune.models import (
+    ModelSpec,
+    build_model,
+    conv_layers,
+    count_parameters,
+    linear_layers,
+    load_flat_parameters,
+)
 from hsgd_tune.sketch import SignSketch
 
 S_RUN, H_RUN = 0, 1
@@ -76,6 +95,7 @@ class TwinRun:
     n_parameters: int = 0  # p, the model's parameter count
     sketch_dim: int = 0  # k when ``trajectories`` are JL sketches (2, N, k) of the iterates, else 0
     last_iterates: np.ndarray | None = None  # (2, p) the final weights of both runs, never sketched
+    twin: str = ""  # how both runs were stepped: "stacked", "grouped-conv", "vmap" or "sequential"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +130,8 @@ class StackedTwin:
     weight gradients and one for the gradient flowing down. Without autograd's graph a step of both
     runs costs about one ``nn.Module`` + ``torch.optim.SGD`` step (benchmarks/overhead.py).
     """
+
+    name = "stacked"
 
     def __init__(self, model: nn.Module):
         layers = linear_layers(model)
@@ -174,8 +196,92 @@ def _loss_and_output_gradient(
     return residual.pow(2).mean(dim=1), (residual * (2.0 / batch)).unsqueeze(-1)
 
 
+class ConvTwin:
+    """A built-in CNN (models.build_cnn) held twice: each parameter stacked (2, ...), and each
+    convolution of both runs one grouped convolution over their channels side by side.
+
+    Input (2, b, c·h·w) becomes (b, 2c, h, w): group r of every convolution sees run r's channels
+    only, so the pass computes both runs exactly as two separate modules would; the final Linear is
+    a batched matrix product as in :class:`StackedTwin`. Autograd's graph is built from the stacked
+    leaves, and since the summed loss of the two runs separates, its gradient is each run's own.
+    """
+
+    name = "grouped-conv"
+
+    def __init__(self, model: nn.Module, spec: ModelSpec):
+        self.spec = spec
+        self.convs = [(_stack2(c.weight), _stack2(c.bias)) for c in conv_layers(model)]
+        (head,) = linear_layers(model)
+        self.head = (_stack2(head.weight), _stack2(head.bias.unsqueeze(0)))  # (2, k, f), (2, 1, k)
+        for p in self.params:
+            p.requires_grad_(True)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        # named_parameters order of build_cnn: conv0.weight, conv0.bias, ..., head.weight, head.bias
+        return [p for pair in (*self.convs, self.head) for p in pair]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (2, b, c·h·w) → outputs (2, b, k)."""
+        c, h, w = self.spec.image_shape
+        b = x.shape[1]
+        z = x.reshape(2, b, c, h, w).transpose(0, 1).reshape(b, 2 * c, h, w)
+        pad = self.spec.kernel_size // 2
+        for weight, bias in self.convs:  # weight (2, out, in, k, k) → (2·out, in, k, k), group-major
+            z = torch.conv2d(z, weight.flatten(0, 1), bias.flatten(), padding=pad, groups=2)
+            z = torch.max_pool2d(torch.relu(z), 2)
+        z = z.reshape(b, 2, -1).transpose(0, 1)  # (2, b, features), each run's in Flatten's order
+        return torch.baddbmm(self.head[1], z, self.head[0].transpose(1, 2))
+
+    def loss_and_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, task: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(2,) mean minibatch loss of each run, and its gradient for each tensor of :attr:`params`."""
+        with torch.enable_grad():
+            loss = per_example_loss(self.forward(x), y, task).mean(dim=1)
+            return loss.detach(), list(torch.autograd.grad(loss.sum(), self.params))
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(2, -1) for p in self.params], dim=1)
+
+
+class FuncTwin:
+    """Any ``nn.Module`` without buffers, its parameters stacked (2, ...) and both runs one
+    ``vmap(functional_call)`` pass; autograd's backward gives each run its own gradient."""
+
+    name = "vmap"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = [n for n, _ in model.named_parameters()]
+        self.stacked = [_stack2(p).requires_grad_(True) for p in model.parameters()]
+        self._forward = vmap(self._forward_one)
+
+    def _forward_one(self, params: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, dict(zip(self.names, params, strict=True)), (x,))
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.stacked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(tuple(self.stacked), x)
+
+    def loss_and_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, task: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.enable_grad():
+            loss = per_example_loss(self.forward(x), y, task).mean(dim=1)
+            return loss.detach(), list(torch.autograd.grad(loss.sum(), self.stacked))
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(2, -1) for p in self.stacked], dim=1)
+
+
 class SequentialTwin:
     """Any ``nn.Module`` held twice; each run's forward is its own call."""
+
+    name = "sequential"
 
     def __init__(self, model: nn.Module):
         self.models = [model, copy.deepcopy(model)]
@@ -203,8 +309,67 @@ def _stack2(t: torch.Tensor) -> torch.Tensor:
     return t.detach().unsqueeze(0).repeat(2, *([1] * t.dim())).clone()
 
 
-def make_twin(model: nn.Module, spec: ModelSpec) -> StackedTwin | SequentialTwin:
-    return StackedTwin(model) if spec.is_builtin else SequentialTwin(model)
+Twin = StackedTwin | ConvTwin | FuncTwin | SequentialTwin
+
+
+def make_twin(
+    model: nn.Module, spec: ModelSpec, probe: tuple[torch.Tensor, torch.Tensor, str] | None = None
+) -> Twin:
+    """The twin for ``model``: built-in models their own lock-step kind; a user's model the faster of
+    :class:`FuncTwin` and :class:`SequentialTwin` on ``probe`` (a first minibatch (2, b, d), (2, b)
+    and the task), or :class:`SequentialTwin` without one."""
+    if spec.is_builtin:
+        return StackedTwin(model)
+    if spec.kind == "cnn":
+        return ConvTwin(model, spec)
+    if probe is None:
+        return SequentialTwin(model)
+    return choose_twin(model, probe)
+
+
+#: Per process: (model structure, batch shape, device, threads) → the kind choose_twin measured faster.
+_CHOSEN: dict[tuple, str] = {}
+
+
+def choose_twin(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor, str], repeats: int = 5) -> Twin:
+    """Time ``repeats`` forward + backward passes of FuncTwin and of SequentialTwin on the probe
+    minibatch (interleaved, after one warm-up each; min over repeats) and return the faster, built on
+    ``model``. Models with buffers (running statistics) or that ``vmap`` cannot batch (dropout,
+    in-place state) stay sequential. The choice is remembered per process for the same model
+    structure, batch shape, device and thread count, so a study times each batch size once."""
+    x, y, task = probe
+    key = (repr(model), tuple(x.shape), str(x.device), torch.get_num_threads())
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _time_twins(model, probe, repeats)
+    return FuncTwin(model) if _CHOSEN[key] == FuncTwin.name else SequentialTwin(model)
+
+
+def _time_twins(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor, str], repeats: int) -> str:
+    if any(True for _ in model.buffers()):
+        return SequentialTwin.name
+    x, y, task = probe
+    candidates = {}
+    for kind in (FuncTwin, SequentialTwin):
+        twin = kind(copy.deepcopy(model))
+        try:
+            twin.loss_and_gradients(x, y, task)  # warm-up (and: can vmap batch this model at all?)
+        except Exception:  # noqa: BLE001 - any failure of vmap means: step the copies one by one
+            if kind is SequentialTwin:
+                raise
+            continue
+        candidates[kind.name] = (twin, [])
+    for _ in range(repeats):
+        for twin, times in candidates.values():
+            started = time.perf_counter()
+            twin.loss_and_gradients(x, y, task)
+            _synchronize(x.device)
+            times.append(time.perf_counter() - started)
+    return min(candidates, key=lambda name: min(candidates[name][1]))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,11 +434,14 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
     device = resolve_device(settings.device)
     started = time.perf_counter()
     model = initial_model(spec, settings.seed).to(device)
-    twin = make_twin(model, spec)
     xs, ys = _tensors(data.train, data.task, device)
     xh, yh = _tensors(data.reference, data.task, device)
     xv, yv = _tensors(data.val, data.task, device)
     x_pairs, y_pairs = _paired(xs, xh), _paired(ys, yh)
+    positions = minibatch_positions(len(ys), settings.batch_size, settings.steps, settings.seed)
+    first = torch.as_tensor(next(positions), device=device)
+    probe = (x_pairs.index_select(1, first), y_pairs.index_select(1, first), data.task)
+    twin = make_twin(model, spec, probe)
 
     store = _iterate_store(spec, data, settings)
     recorder = _Recorder(twin, data.task, (xs, ys), (xh, yh), (xv, yv), store=store)
@@ -283,8 +451,7 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
     interval_loss = torch.zeros(2, device=device)
     noise = _levy_noise(settings, device)
     n_weights = int(twin.flat().shape[1])
-    positions = minibatch_positions(len(ys), settings.batch_size, settings.steps, settings.seed)
-    for step, pos in enumerate(positions, start=1):
+    for step, pos in enumerate(itertools.chain([first], positions), start=1):
         idx = torch.as_tensor(pos, device=device)
         xb, yb = x_pairs.index_select(1, idx), y_pairs.index_select(1, idx)  # (2, b, d), (2, b)
         run_loss, grads = twin.loss_and_gradients(xb, yb, data.task)  # (2,) and one per tensor
@@ -317,6 +484,7 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
         n_parameters=store.n_parameters,
         sketch_dim=store.sketch.dim if store.sketch is not None else 0,
         last_iterates=store.latest,
+        twin=twin.name,
     )
 
 
@@ -333,7 +501,7 @@ def _levy_noise(settings: TrainSettings, device: torch.device):
 def _add_shared(twin, increment: torch.Tensor) -> None:
     """Add the same (p,) increment to both runs' weights, in flat-vector order (shared noise)."""
     with torch.no_grad():
-        if isinstance(twin, StackedTwin):
+        if not isinstance(twin, SequentialTwin):  # parameters stacked (2, ...)
             for p, c in zip(twin.params, increment.split([p[0].numel() for p in twin.params]), strict=True):
                 p.add_(c.view(p.shape[1:]))
             return
@@ -449,11 +617,11 @@ def clipped_gradient_norms(
     """‖∇_w ℓ_B(w, z)‖ for every recorded iterate w of both runs and every z of the subsample.
 
     ℓ_B = min(ℓ, B) has zero gradient where ℓ ≥ B. trajectories (2, N, p) → norms (2, N, m).
-    Built-in Linear/ReLU stacks take the closed form for all iterates at once; other models are
-    differentiated per iterate with ``vmap(grad)``.
+    Built-in Linear/ReLU stacks take the closed form for all iterates at once; other models (the CNN,
+    a user's) ``vmap(grad)`` over the examples, batched over chunks of iterates by a second ``vmap``.
     """
     if not is_linear_relu_stack(model):
-        return _vmap_gradient_norms(model, trajectories, data, loss_clip, m, seed)
+        return batched_gradient_norms(model, trajectories, data, loss_clip, m, seed)
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)
     y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
@@ -526,10 +694,44 @@ def _stacked_chunk(shapes, iterates, x, y, task, loss_clip) -> torch.Tensor:
     return (sq.sqrt() * (loss.detach() < loss_clip)).detach()
 
 
+def batched_gradient_norms(
+    model: nn.Module, trajectories: np.ndarray, data: Dataset, loss_clip: float, m: int, seed: int
+) -> np.ndarray:
+    """:func:`clipped_gradient_norms` for any model: ``vmap`` over iterates of ``vmap(grad)`` over
+    examples, in chunks of iterates that hold at most ``_CHUNK_ELEMENTS`` per-example gradient floats.
+    Equals :func:`_vmap_gradient_norms` (one iterate at a time) to float rounding."""
+    model = copy.deepcopy(model).cpu()
+    x_np, y_np = lipschitz_subsample(data, m, seed)
+    x = torch.as_tensor(x_np)
+    y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def loss_one(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, params, (xi.unsqueeze(0),))
+        return per_example_loss(out, yi.unsqueeze(0), data.task)[0]
+
+    def norms_one(flat: torch.Tensor) -> torch.Tensor:  # (p,) one iterate → (m,)
+        params = {n: c.view(s) for n, c, s in zip(names, flat.split(sizes), shapes, strict=True)}
+        grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+        sq = sum(g.reshape(len(y), -1).pow(2).sum(dim=1) for g in grads.values())
+        inside = per_example_loss(functional_call(model, params, (x,)), y, data.task) < loss_clip
+        return sq.sqrt() * inside
+
+    iterates = torch.as_tensor(trajectories)
+    flat = iterates.reshape(-1, iterates.shape[-1])  # (2N, p)
+    step = max(1, _CHUNK_ELEMENTS // (3 * len(y) * flat.shape[1]))  # gradients, squares, activations
+    with torch.no_grad():
+        norms = torch.cat([vmap(norms_one)(chunk) for chunk in flat.split(step)])
+    return norms.reshape(*iterates.shape[:-1], len(y)).double().numpy()
+
+
 def _vmap_gradient_norms(
     model: nn.Module, trajectories: np.ndarray, data: Dataset, loss_clip: float, m: int, seed: int
 ) -> np.ndarray:
-    """The per-iterate ``vmap(grad)`` path of :func:`clipped_gradient_norms`, for any model."""
+    """The per-iterate ``vmap(grad)`` path of :func:`clipped_gradient_norms`, for any model (the
+    reference :func:`batched_gradient_norms` is tested against)."""
     model = copy.deepcopy(model).cpu()
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)
