@@ -173,6 +173,7 @@ class RunConfig:
     timeout: float | None = None
     storage: str | None = None
     experiment: str | None = None
+    threads: int | None = None  # torch threads per worker process; None: its share of the cores
 
 
 @dataclass(frozen=True)
@@ -603,6 +604,7 @@ def _read_run(t: _Table) -> RunConfig:
         timeout=_positive(t, "timeout", "float", None),
         storage=t.get("storage", "str", None),
         experiment=t.get("experiment", "str", None),
+        threads=_positive(t, "threads", "int", None),
     )
     t.done()
     return cfg
