@@ -25,7 +25,7 @@ from hsgd_tune.diagnostics import Measurements, measure
 from hsgd_tune.errors import DivergedError
 from hsgd_tune.models import ModelSpec, model_spec
 from hsgd_tune.sketch import sketch_assumptions
-from hsgd_tune.study import FAIL_REASON, sample_params, worker_identity
+from hsgd_tune.study import FAIL_REASON, sample_params, set_user_attrs, worker_identity
 from hsgd_tune.tracking import Tracker, flatten
 from hsgd_tune.training import H_RUN, S_RUN, TrainSettings, TwinRun, train_twin
 
@@ -81,6 +81,8 @@ class TrialOutcome:
         outside = self.settings.outside_theory
         tags["hsgd.theory"] = "outside: " + ", ".join(outside) if outside else "plain SGD (inside)"
         tags["hsgd.vacuous.risk_bound"] = str(self.bound.risk_bound_vacuous).lower()
+        if self.run.twin:  # how both runs were stepped (training.make_twin; measured for user models)
+            tags["hsgd.twin_step"] = self.run.twin
         if self.measured is not None:
             tags |= self.measured.tags
             tags["hsgd.delta_split"] = "δ_t/2 for the trajectory bound, δ_t/2 for the certificate"
@@ -225,14 +227,14 @@ class Objective:
 
     def _log(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome) -> None:
         started = time.perf_counter()
-        for key, value in outcome.bound.metrics().items():
-            trial.set_user_attr(key, value)
+        attrs = dict(outcome.bound.metrics())
         for key in ("val/loss", "val/error", "train/loss"):
-            trial.set_user_attr(key, outcome.run.final[key])
+            attrs[key] = outcome.run.final[key]
         measured = outcome.measured.metrics if outcome.measured is not None else {}
         for key in SUMMARY_MEASURES:  # for rank and report, when the trial measured them itself
             if math.isfinite(measured.get(key, math.nan)):
-                trial.set_user_attr(key, measured[key])
+                attrs[key] = measured[key]
+        set_user_attrs(trial, attrs)  # one journal append / transaction, not one per attribute
         curves = {name: (outcome.run.record_steps, values) for name, values in outcome.run.curves.items()}
         artifacts = Path(tempfile.mkdtemp(prefix="hsgd-trial-"))  # deleted once logged
         write_artifacts(outcome, artifacts)

@@ -451,19 +451,22 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
     interval_loss = torch.zeros(2, device=device)
     noise = _levy_noise(settings, device)
     n_weights = int(twin.flat().shape[1])
-    for step, pos in enumerate(itertools.chain([first], positions), start=1):
-        idx = torch.as_tensor(pos, device=device)
-        xb, yb = x_pairs.index_select(1, idx), y_pairs.index_select(1, idx)  # (2, b, d), (2, b)
-        run_loss, grads = twin.loss_and_gradients(xb, yb, data.task)  # (2,) and one per tensor
-        _sgd_update(twin.params, grads, settings, velocity)
-        if noise is not None:
-            _add_shared(twin, noise.increment(step, n_weights))
-        interval_loss += run_loss
-        if step % settings.record_every == 0 or step == settings.steps:
-            done_since = step - recorder.steps[-1]
-            recorder.record(step, interval_loss=interval_loss / done_since)
-            _check_divergence(recorder, limit, step)
-            interval_loss.zero_()
+    # One no_grad context for the loop, not one per step (its set-up costs as much as a small op);
+    # autograd twins switch gradients on inside loss_and_gradients.
+    with torch.no_grad():
+        for step, pos in enumerate(itertools.chain([first], positions), start=1):
+            idx = torch.as_tensor(pos, device=device)
+            xb, yb = x_pairs.index_select(1, idx), y_pairs.index_select(1, idx)  # (2, b, d), (2, b)
+            run_loss, grads = twin.loss_and_gradients(xb, yb, data.task)  # (2,) and one per tensor
+            _sgd_update(twin.params, grads, settings, velocity)
+            if noise is not None:
+                _add_shared(twin, noise.increment(step, n_weights))
+            interval_loss += run_loss
+            if step % settings.record_every == 0 or step == settings.steps:
+                done_since = step - recorder.steps[-1]
+                recorder.record(step, interval_loss=interval_loss / done_since)
+                _check_divergence(recorder, limit, step)
+                interval_loss.zero_()
     trained = time.perf_counter()
 
     in_loop = sum(store.seconds.values())  # chunks already flushed during training
@@ -512,15 +515,15 @@ def _add_shared(twin, increment: torch.Tensor) -> None:
 
 
 def _sgd_update(params, grads, settings: TrainSettings, velocity) -> None:
-    """Plain SGD (w ← w − η g); weight decay and momentum, when asked, as in torch.optim.SGD."""
-    with torch.no_grad():
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            if settings.weight_decay:
-                g = g + settings.weight_decay * p
-            if velocity is not None:
-                velocity[i].mul_(settings.momentum).add_(g)
-                g = velocity[i]
-            p.add_(g, alpha=-settings.learning_rate)
+    """Plain SGD (w ← w − η g); weight decay and momentum, when asked, as in torch.optim.SGD.
+    Called under ``torch.no_grad()`` (train_twin's loop)."""
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if settings.weight_decay:
+            g = g + settings.weight_decay * p
+        if velocity is not None:
+            velocity[i].mul_(settings.momentum).add_(g)
+            g = velocity[i]
+        p.add_(g, alpha=-settings.learning_rate)
 
 
 def _check_divergence(recorder: _Recorder, limit: torch.Tensor, step: int) -> None:
