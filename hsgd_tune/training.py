@@ -9,15 +9,17 @@ batch of shape (2, b, d). Four ways of holding the two runs (``make_twin``):
 
 * :class:`StackedTwin` (built-in MLP and linear model): weights stacked (2, out, in), a batched matrix
   product per layer and a hand-written backward pass, so two runs cost about one;
-* :class:`ConvTwin` (built-in CNN): the two runs' channels side by side in one grouped convolution
-  (``groups=2``) per layer, autograd for the backward pass;
+* :class:`GroupedTwin` (built-in CNN, a user's ``nn.Sequential`` of common layers): a batched matrix
+  product per Linear and one grouped convolution (``groups=2``, the two runs' channels side by side)
+  per Conv2d, autograd for the backward pass;
 * :class:`FuncTwin` (a user's ``nn.Module``): parameters stacked (2, ...), ``torch.func.vmap`` over
   ``functional_call``;
 * :class:`SequentialTwin` (a user's ``nn.Module``): two copies, each its own forward in the same loop.
 
-For a user's model :func:`choose_twin` times a few steps of ``FuncTwin`` and ``SequentialTwin`` on the
-trial's first minibatch and keeps the faster (vmap is not always faster: small layers pay its
-dispatch); the choice is recorded with the run (``TwinRun.twin``). All four compute the same SGD
+For a user's model :func:`choose_twin` times a few steps of each kind that can step it (``GroupedTwin``,
+``FuncTwin``, ``SequentialTwin``) on the trial's first minibatch and keeps the fastest (vmap is not
+always faster than two modules: small layers pay its dispatch); the choice is recorded with the run
+(``TwinRun.twin``). All four compute the same SGD
 steps up to float rounding (tests/test_training.py, tests/test_perf_equivalence.py).
 """
 
@@ -40,7 +42,6 @@ from hsgd_tune.errors import DivergedError
 from hsgd_tune.models import (
     ModelSpec,
     build_model,
-    conv_layers,
     count_parameters,
     linear_layers,
     load_flat_parameters,
@@ -95,7 +96,7 @@ class TwinRun:
     n_parameters: int = 0  # p, the model's parameter count
     sketch_dim: int = 0  # k when ``trajectories`` are JL sketches (2, N, k) of the iterates, else 0
     last_iterates: np.ndarray | None = None  # (2, p) the final weights of both runs, never sketched
-    twin: str = ""  # how both runs were stepped: "stacked", "grouped-conv", "vmap" or "sequential"
+    twin: str = ""  # how both runs were stepped: "stacked", "grouped", "vmap" or "sequential"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,42 +197,107 @@ def _loss_and_output_gradient(
     return residual.pow(2).mean(dim=1), (residual * (2.0 / batch)).unsqueeze(-1)
 
 
-class ConvTwin:
-    """A built-in CNN (models.build_cnn) held twice: each parameter stacked (2, ...), and each
-    convolution of both runs one grouped convolution over their channels side by side.
+#: Parameter-free layers that act on each value on its own: they apply to both runs' activations
+#: side by side unchanged, in either layout.
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Identity,
+)
+#: Pooling acts on each channel of each example on its own: as is on images (b, 2c, h, w).
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 
-    Input (2, b, c·h·w) becomes (b, 2c, h, w): group r of every convolution sees run r's channels
-    only, so the pass computes both runs exactly as two separate modules would; the final Linear is
-    a batched matrix product as in :class:`StackedTwin`. Autograd's graph is built from the stacked
-    leaves, and since the summed loss of the two runs separates, its gradient is each run's own.
+
+def grouping_plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """How :class:`GroupedTwin` steps ``model``, layer by layer, or None when it cannot.
+
+    It can for an ``nn.Sequential`` without buffers of Linear, Conv2d (groups=1, zero padding),
+    Flatten/Unflatten at dim 1, elementwise activations (``_ELEMENTWISE``) and 2-d pooling, with
+    Linear layers on rows (2, b, f) and Conv2d and pooling layers on images (b, 2c, h, w).
+    """
+    if not isinstance(model, nn.Sequential) or any(True for _ in model.buffers()):
+        return None
+    plan, layout = [], "rows"
+    for layer in model:
+        if isinstance(layer, nn.Linear) and layout == "rows":
+            step = "linear"
+        elif isinstance(layer, nn.Conv2d) and layout == "image":
+            if type(layer) is not nn.Conv2d or layer.groups != 1 or layer.padding_mode != "zeros":
+                return None
+            step = "conv"
+        elif type(layer) in _ELEMENTWISE or (type(layer) in _POOLS and layout == "image"):
+            step = "per-example"
+        elif type(layer) is nn.Unflatten and layer.dim == 1 and layout == "rows":
+            if len(layer.unflattened_size) != 3:
+                return None
+            step, layout = "unflatten", "image"
+        elif type(layer) is nn.Flatten and (layer.start_dim, layer.end_dim) == (1, -1):
+            step, layout = ("flatten" if layout == "image" else "per-example"), "rows"
+        else:
+            return None
+        plan.append((step, layer))
+    return plan if layout == "rows" else None
+
+
+class GroupedTwin:
+    """A model of :func:`grouping_plan`'s layers (the built-in CNN, a user's Sequential) held twice:
+    each parameter stacked (2, ...), each Linear of both runs one batched matrix product, each
+    convolution one grouped convolution over both runs' channels side by side.
+
+    Images of both runs are laid out (b, 2c, h, w): group r of every convolution (``groups=2``) sees
+    run r's channels only, so the pass computes both runs exactly as two separate modules would.
+    Autograd's graph is built from the stacked leaves; the summed loss of the two runs separates, so
+    its gradient is each run's own.
     """
 
-    name = "grouped-conv"
+    name = "grouped"
 
-    def __init__(self, model: nn.Module, spec: ModelSpec):
-        self.spec = spec
-        self.convs = [(_stack2(c.weight), _stack2(c.bias)) for c in conv_layers(model)]
-        (head,) = linear_layers(model)
-        self.head = (_stack2(head.weight), _stack2(head.bias.unsqueeze(0)))  # (2, k, f), (2, 1, k)
+    def __init__(self, model: nn.Module, plan: list[tuple[str, nn.Module]]):
+        self.plan = plan
+        self.stacked: list[list[torch.Tensor]] = []  # per layer: stacked weight (and bias)
+        for step, layer in plan:
+            if step == "linear":
+                bias = [] if layer.bias is None else [_stack2(layer.bias.unsqueeze(0))]  # (2, 1, out)
+                self.stacked.append([_stack2(layer.weight), *bias])
+            elif step == "conv":
+                self.stacked.append(
+                    [_stack2(layer.weight), *([] if layer.bias is None else [_stack2(layer.bias)])]
+                )
+            else:
+                self.stacked.append([])
         for p in self.params:
             p.requires_grad_(True)
 
     @property
     def params(self) -> list[torch.Tensor]:
-        # named_parameters order of build_cnn: conv0.weight, conv0.bias, ..., head.weight, head.bias
-        return [p for pair in (*self.convs, self.head) for p in pair]
+        return [p for layer in self.stacked for p in layer]  # the order of model.parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (2, b, c·h·w) → outputs (2, b, k)."""
-        c, h, w = self.spec.image_shape
-        b = x.shape[1]
-        z = x.reshape(2, b, c, h, w).transpose(0, 1).reshape(b, 2 * c, h, w)
-        pad = self.spec.kernel_size // 2
-        for weight, bias in self.convs:  # weight (2, out, in, k, k) → (2·out, in, k, k), group-major
-            z = torch.conv2d(z, weight.flatten(0, 1), bias.flatten(), padding=pad, groups=2)
-            z = torch.max_pool2d(torch.relu(z), 2)
-        z = z.reshape(b, 2, -1).transpose(0, 1)  # (2, b, features), each run's in Flatten's order
-        return torch.baddbmm(self.head[1], z, self.head[0].transpose(1, 2))
+        """x (2, b, d) → outputs (2, b, k)."""
+        h, b = x, x.shape[1]
+        for (step, layer), params in zip(self.plan, self.stacked, strict=True):
+            if step == "linear":
+                w = params[0].transpose(1, 2)
+                h = torch.baddbmm(params[1], h, w) if len(params) > 1 else torch.bmm(h, w)
+            elif step == "conv":  # weight (2, out, in, k, k) → (2·out, in, k, k), group-major
+                bias = params[1].flatten() if len(params) > 1 else None
+                h = torch.nn.functional.conv2d(
+                    h, params[0].flatten(0, 1), bias, layer.stride, layer.padding, layer.dilation, groups=2
+                )
+            elif step == "unflatten":  # (2, b, c·h·w) → (b, 2c, h, w)
+                c, *hw = layer.unflattened_size
+                h = h.reshape(2, b, c, *hw).transpose(0, 1).reshape(b, 2 * c, *hw)
+            elif step == "flatten":  # (b, 2c, h, w) → (2, b, c·h·w), each run's in Flatten's order
+                h = h.reshape(b, 2, -1).transpose(0, 1)
+            else:
+                h = layer(h)
+        return h
 
     def loss_and_gradients(
         self, x: torch.Tensor, y: torch.Tensor, task: str
@@ -309,62 +375,74 @@ def _stack2(t: torch.Tensor) -> torch.Tensor:
     return t.detach().unsqueeze(0).repeat(2, *([1] * t.dim())).clone()
 
 
-Twin = StackedTwin | ConvTwin | FuncTwin | SequentialTwin
+Twin = StackedTwin | GroupedTwin | FuncTwin | SequentialTwin
 
 
 def make_twin(
     model: nn.Module, spec: ModelSpec, probe: tuple[torch.Tensor, torch.Tensor, str] | None = None
 ) -> Twin:
-    """The twin for ``model``: built-in models their own lock-step kind; a user's model the faster of
-    :class:`FuncTwin` and :class:`SequentialTwin` on ``probe`` (a first minibatch (2, b, d), (2, b)
-    and the task), or :class:`SequentialTwin` without one."""
+    """The twin for ``model``: the MLP stacked, the CNN grouped; a user's model the fastest of the
+    kinds that can step it, timed on ``probe`` (a first minibatch (2, b, d), (2, b) and the task), or
+    :class:`SequentialTwin` without one."""
     if spec.is_builtin:
         return StackedTwin(model)
     if spec.kind == "cnn":
-        return ConvTwin(model, spec)
+        return GroupedTwin(model, grouping_plan(model))
     if probe is None:
         return SequentialTwin(model)
     return choose_twin(model, probe)
 
 
-#: Per process: (model structure, batch shape, device, threads) → the kind choose_twin measured faster.
+#: Per process: (model structure, batch shape, device, threads) → the kind choose_twin measured fastest.
 _CHOSEN: dict[tuple, str] = {}
 
 
+def _candidates(model: nn.Module) -> dict[str, Callable[[nn.Module], Twin]]:
+    kinds: dict[str, Callable[[nn.Module], Twin]] = {}
+    if grouping_plan(model) is not None:
+        kinds[GroupedTwin.name] = lambda m: GroupedTwin(m, grouping_plan(m))
+    if not any(True for _ in model.buffers()):  # vmap cannot update running statistics in place
+        kinds[FuncTwin.name] = FuncTwin
+    kinds[SequentialTwin.name] = SequentialTwin
+    return kinds
+
+
 def choose_twin(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor, str], repeats: int = 5) -> Twin:
-    """Time ``repeats`` forward + backward passes of FuncTwin and of SequentialTwin on the probe
-    minibatch (interleaved, after one warm-up each; min over repeats) and return the faster, built on
-    ``model``. Models with buffers (running statistics) or that ``vmap`` cannot batch (dropout,
-    in-place state) stay sequential. The choice is remembered per process for the same model
-    structure, batch shape, device and thread count, so a study times each batch size once."""
-    x, y, task = probe
+    """Time ``repeats`` forward + backward passes of each kind of twin that can step ``model``
+    (:class:`GroupedTwin` for Sequentials of common layers, :class:`FuncTwin` without buffers,
+    :class:`SequentialTwin` always) on the probe minibatch, interleaved, after one warm-up each (which
+    also drops a kind that fails, e.g. vmap on dropout), and return the fastest (min over repeats),
+    built on ``model``. The choice is remembered per process for the same model structure, batch
+    shape, device and thread count, so a study times each batch size once."""
+    x, _, _ = probe
     key = (repr(model), tuple(x.shape), str(x.device), torch.get_num_threads())
+    kinds = _candidates(model)
     if key not in _CHOSEN:
-        _CHOSEN[key] = _time_twins(model, probe, repeats)
-    return FuncTwin(model) if _CHOSEN[key] == FuncTwin.name else SequentialTwin(model)
+        _CHOSEN[key] = _time_twins(model, kinds, probe, repeats)
+    return kinds[_CHOSEN[key]](model)
 
 
-def _time_twins(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor, str], repeats: int) -> str:
-    if any(True for _ in model.buffers()):
-        return SequentialTwin.name
+def _time_twins(
+    model: nn.Module, kinds: dict, probe: tuple[torch.Tensor, torch.Tensor, str], repeats: int
+) -> str:
     x, y, task = probe
-    candidates = {}
-    for kind in (FuncTwin, SequentialTwin):
-        twin = kind(copy.deepcopy(model))
+    timed = {}
+    for name, make in kinds.items():
+        twin = make(copy.deepcopy(model))
         try:
-            twin.loss_and_gradients(x, y, task)  # warm-up (and: can vmap batch this model at all?)
-        except Exception:  # noqa: BLE001 - any failure of vmap means: step the copies one by one
-            if kind is SequentialTwin:
+            twin.loss_and_gradients(x, y, task)  # warm-up (and: can this kind step the model at all?)
+        except Exception:  # noqa: BLE001 - a kind that fails here is not a candidate
+            if name == SequentialTwin.name:
                 raise
             continue
-        candidates[kind.name] = (twin, [])
+        timed[name] = (twin, [])
     for _ in range(repeats):
-        for twin, times in candidates.values():
+        for twin, times in timed.values():
             started = time.perf_counter()
             twin.loss_and_gradients(x, y, task)
             _synchronize(x.device)
             times.append(time.perf_counter() - started)
-    return min(candidates, key=lambda name: min(candidates[name][1]))
+    return min(timed, key=lambda name: min(timed[name][1]))
 
 
 def _synchronize(device: torch.device) -> None:

@@ -21,13 +21,14 @@ from hsgd_tune.models import ModelSpec, build_model, flat_parameters
 from hsgd_tune.training import (
     H_RUN,
     S_RUN,
-    ConvTwin,
     FuncTwin,
+    GroupedTwin,
     SequentialTwin,
     TrainSettings,
     _vmap_gradient_norms,
     batched_gradient_norms,
     choose_twin,
+    grouping_plan,
     initial_model,
     make_twin,
     minibatch_positions,
@@ -95,13 +96,13 @@ def assert_twin_is_two_plain_runs(run, spec: ModelSpec, data: Dataset, s: TrainS
 def test_cnn_twin_equals_two_sequential_plain_runs():
     data, s = make_data(), settings()
     run = train_twin(data, CNN, s)
-    assert run.twin == "grouped-conv"
+    assert run.twin == "grouped"
     assert_twin_is_two_plain_runs(run, CNN, data, s)
 
 
 def test_cnn_twin_outputs_are_each_runs_own_module_outputs():
     model = initial_model(CNN, seed=1)
-    twin = ConvTwin(model, CNN)
+    twin = GroupedTwin(model, grouping_plan(model))
     with torch.no_grad():  # make the runs differ, so a swapped channel group would be seen
         for p in twin.params:
             p[1] += 0.1 * torch.randn_like(p[1])
@@ -143,7 +144,7 @@ def test_cnn_study_file_on_digits_loads_and_its_shape_fits_the_data():
     from hsgd_tune.objective import evaluate
 
     outcome = evaluate(short, data, {"learning_rate": 0.05, "batch_size": 16}, max_trials=20)
-    assert outcome.run.twin == "grouped-conv" and np.isfinite(outcome.bound.risk_bound)
+    assert outcome.run.twin == "grouped" and np.isfinite(outcome.bound.risk_bound)
 
 
 BASE = {
@@ -225,12 +226,19 @@ def user_spec(tmp_path, monkeypatch) -> ModelSpec:
     return ModelSpec("entry_point", D, K, entry_point="lockstep_user_models:tanh_mlp", kwargs=(("width", 6),))
 
 
-@pytest.mark.parametrize("kind", [FuncTwin, SequentialTwin])
-def test_vmap_and_sequential_twins_equal_two_sequential_plain_runs(kind, user_spec, monkeypatch):
-    monkeypatch.setattr(training, "choose_twin", lambda model, probe: kind(model))  # force the kind
+KINDS = {
+    "grouped": lambda m: GroupedTwin(m, grouping_plan(m)),
+    "vmap": FuncTwin,
+    "sequential": SequentialTwin,
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_grouped_vmap_and_sequential_twins_equal_two_sequential_plain_runs(kind, user_spec, monkeypatch):
+    monkeypatch.setattr(training, "choose_twin", lambda model, probe: KINDS[kind](model))  # force it
     data, s = make_data(), settings()
     run = train_twin(data, user_spec, s)
-    assert run.twin == kind.name
+    assert run.twin == kind
     assert_twin_is_two_plain_runs(run, user_spec, data, s)
 
 
@@ -243,7 +251,7 @@ def test_choice_is_measured_once_per_model_and_batch_shape(user_spec, monkeypatc
     probe = (torch.randn(2, 8, D), torch.randint(0, K, (2, 8)), "classification")
     first = choose_twin(model, probe)
     again = choose_twin(build_model(user_spec), probe)
-    assert isinstance(first, (FuncTwin, SequentialTwin)) and type(again) is type(first)
+    assert isinstance(first, (GroupedTwin, FuncTwin, SequentialTwin)) and type(again) is type(first)
     assert len(timed) == 1
     choose_twin(model, (torch.randn(2, 16, D), torch.randint(0, K, (2, 16)), "classification"))
     assert len(timed) == 2  # another batch size is timed anew
@@ -257,7 +265,7 @@ def test_choice_is_measured_once_per_model_and_batch_shape(user_spec, monkeypatc
     ],
     ids=["buffers", "dropout"],
 )
-def test_models_vmap_cannot_step_as_one_stay_sequential(layers, monkeypatch):
+def test_models_no_lock_step_kind_can_step_stay_sequential(layers, monkeypatch):
     monkeypatch.setattr(training, "_CHOSEN", {})
     probe = (torch.randn(2, 8, D), torch.randint(0, K, (2, 8)), "classification")
     assert isinstance(choose_twin(nn.Sequential(*layers()), probe), SequentialTwin)
@@ -265,4 +273,55 @@ def test_models_vmap_cannot_step_as_one_stay_sequential(layers, monkeypatch):
 
 def test_make_twin_without_probe_is_sequential_for_user_models(user_spec):
     assert isinstance(make_twin(build_model(user_spec), user_spec), SequentialTwin)
-    assert isinstance(make_twin(build_model(CNN), CNN), ConvTwin)
+    assert isinstance(make_twin(build_model(CNN), CNN), GroupedTwin)
+
+
+@pytest.mark.parametrize(
+    "layers, steps",
+    [
+        ([nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, K, bias=False)], ["linear", "per-example", "linear"]),
+        (
+            [nn.Unflatten(1, IMAGE), nn.Conv2d(2, 3, 3, padding="same"), nn.AvgPool2d(2), nn.Flatten()],
+            ["unflatten", "conv", "per-example", "flatten"],
+        ),
+    ],
+)
+def test_grouping_plan_of_sequentials_of_common_layers(layers, steps):
+    plan = grouping_plan(nn.Sequential(*layers))
+    assert [step for step, _ in plan] == steps
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        [nn.Linear(D, 4), nn.LayerNorm(4), nn.Linear(4, K)],  # a layer it does not know
+        [nn.Linear(D, 4), nn.BatchNorm1d(4)],  # buffers
+        [nn.Unflatten(1, IMAGE), nn.Conv2d(2, 4, 3, groups=2), nn.Flatten()],  # a grouped conv already
+        [nn.Unflatten(1, IMAGE), nn.Conv2d(2, 3, 3)],  # ends on images, not rows
+        [nn.MaxPool2d(2), nn.Linear(D, K)],  # pooling rows
+    ],
+)
+def test_grouping_plan_refuses_what_it_cannot_step_exactly(layers):
+    assert grouping_plan(nn.Sequential(*layers)) is None
+
+
+def test_user_sequential_with_convolutions_grouped_equals_its_modules():
+    model = nn.Sequential(
+        nn.Unflatten(1, IMAGE),
+        nn.Conv2d(2, 3, 3, padding=1, stride=2),
+        nn.GELU(),
+        nn.Flatten(),
+        nn.Linear(12, K),
+    )
+    twin = GroupedTwin(model, grouping_plan(model))
+    with torch.no_grad():
+        for p in twin.params:
+            p[1] += 0.1 * torch.randn_like(p[1])
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for q, p in zip(other.parameters(), twin.params, strict=True):
+            q.copy_(p[1].reshape(q.shape))
+    x = torch.randn(2, 5, D)
+    got = twin.forward(x)
+    torch.testing.assert_close(got[0], model(x[0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], other(x[1]), rtol=1e-5, atol=1e-6)
