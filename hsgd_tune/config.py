@@ -221,7 +221,11 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The whole resolved config as plain JSON-able values (for logging)."""
-        return _jsonable(dataclasses.asdict(self))
+        tree = _jsonable(dataclasses.asdict(self))
+        if self.model.kind != "cnn":  # other studies' configs, params and fingerprints stay as they were
+            for key in CNN_KEYS:
+                tree["model"].pop(key)
+        return tree
 
     def fingerprint(self) -> str:
         """Hash of everything that determines trial results (not ``run``, not the file's path)."""
@@ -235,9 +239,6 @@ class StudyConfig:
         # Which trials get the diagnostics changes no objective (a certificate objective forces
         # "all"), so it may change between resumes, and studies made before it existed still resume.
         payload["diagnostics"].pop("trials")
-        if payload["model"]["kind"] != "cnn":  # studies made before the CNN existed still resume
-            for key in CNN_KEYS:
-                payload["model"].pop(key)
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -236,8 +236,10 @@ class Objective:
                 attrs[key] = measured[key]
         set_user_attrs(trial, attrs)  # one journal append / transaction, not one per attribute
         curves = {name: (outcome.run.record_steps, values) for name, values in outcome.run.curves.items()}
-        artifacts = Path(tempfile.mkdtemp(prefix="hsgd-trial-"))  # deleted once logged
-        write_artifacts(outcome, artifacts)
+        folder = self.tracker.local_artifact_dir(run_id)  # local store: written in place, once
+        artifacts = Path(tempfile.mkdtemp(prefix="hsgd-trial-")) if folder is None else None  # uploaded
+        (folder or artifacts).mkdir(parents=True, exist_ok=True)
+        write_artifacts(outcome, folder or artifacts)
         # Final metrics sit at the last step, where the val/loss curve ends at the same value.
         # time/logging_s cannot include the batch that carries it: it is the logging before it
         # (benchmarks/overhead.py times the whole trial).

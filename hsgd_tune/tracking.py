@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -76,6 +78,7 @@ class Tracker:
             self.uri = f"sqlite:///{LOCAL_ARTIFACT_ROOT.parent.resolve() / 'mlflow.db'}"
             write_ahead_log(LOCAL_ARTIFACT_ROOT.parent.resolve() / "mlflow.db")
         self.client = MlflowClient(self.uri)
+        self.artifact_uris: dict[str, str] = {}  # run id → artifact location, for runs started here
         # MLflow announces creating and migrating its database at INFO; users need not see it.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
@@ -143,7 +146,18 @@ class Tracker:
         }
         run = self.client.create_run(experiment_id, run_name=trial_run_name(number), tags=tags)
         self.log(run.info.run_id, params=params)
+        self.artifact_uris[run.info.run_id] = run.info.artifact_uri
         return run.info.run_id
+
+    def local_artifact_dir(self, run_id: str) -> Path | None:
+        """The artifact folder of a run this tracker started, when it lies on a local or mounted disk
+        (a ``file:`` artifact location, as the default store's): a trial writes its artifacts there
+        directly, as ``log_artifacts`` would have copied them, instead of writing them twice. None
+        for remote artifact stores (an MLflow server, S3), which take ``log_artifacts``."""
+        uri = self.artifact_uris.get(run_id, "")
+        if not uri.startswith("file:"):
+            return None
+        return Path(url2pathname(urlparse(uri).path))
 
     def finish_trial(
         self,

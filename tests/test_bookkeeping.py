@@ -65,3 +65,21 @@ def test_rdb_writes_all_attributes_in_one_transaction(tmp_path):
     set_user_attrs(trial, ATTRS)
     assert len(commits) == 1
     assert storage.get_trial(trial._trial_id).user_attrs == ATTRS
+
+
+def test_local_store_is_in_wal_mode_and_trial_artifacts_are_written_in_place(workdir):
+    import sqlite3
+
+    from hsgd_tune.tracking import Tracker
+
+    tracker = Tracker()
+    mode = sqlite3.connect(workdir / "mlruns" / "mlflow.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    exp = tracker.experiment_id("e")
+    run_id = tracker.start_trial(exp, tracker.open_parent(exp, "s", {}, {}), "s", 0, {})
+    folder = tracker.local_artifact_dir(run_id)
+    assert folder is not None and folder.is_relative_to(workdir / "mlruns" / "artifacts")
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("x")
+    tracker.finish_trial(run_id, "COMPLETE")
+    assert [f.path for f in tracker.client.list_artifacts(run_id)] == ["a.txt"]  # MLflow sees it

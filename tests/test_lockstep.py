@@ -18,6 +18,7 @@ from hsgd_tune.config import load_study, parse_study
 from hsgd_tune.data import Dataset, Split
 from hsgd_tune.errors import ConfigError
 from hsgd_tune.models import ModelSpec, build_model, flat_parameters
+from hsgd_tune.studyfile import config_from_dict
 from hsgd_tune.training import (
     H_RUN,
     S_RUN,
@@ -185,24 +186,17 @@ def test_image_shape_that_does_not_hold_the_features_is_a_config_error():
     assert info.value.key == "model.image_shape"
 
 
-def test_cnn_keys_leave_other_studies_fingerprints_alone(tmp_path):
-    """Studies made before the CNN existed resume: their fingerprint payload has no CNN keys."""
+def test_cnn_keys_leave_other_studies_configs_and_fingerprints_alone(tmp_path):
+    """Studies made before the CNN existed resume, and are certified by name from their stored config:
+    an MLP's resolved config has no CNN keys, and a stored config reads back to the same study."""
     mlp = parse_study(_model(kind="mlp"), tmp_path)
     cnn = parse_study(_model(kind="cnn", image_shape=[1, 8, 8]), tmp_path)
     wider = parse_study(_model(kind="cnn", image_shape=[1, 8, 8], channels=[4]), tmp_path)
     assert mlp.fingerprint() != cnn.fingerprint() != wider.fingerprint()
-    import hashlib
-    import json
-
-    payload = mlp.to_dict()
-    for section in ("run", "rank", "source_file"):
-        payload.pop(section)
-    payload["bound"].pop("max_trials")
-    payload["diagnostics"].pop("trials")
-    for key in ("channels", "image_shape", "kernel_size"):
-        payload["model"].pop(key)
-    old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    assert mlp.fingerprint() == old
+    assert set(mlp.to_dict()["model"]) == {"kind", "widths", "entry_point"}
+    assert cnn.to_dict()["model"]["image_shape"] == [1, 8, 8]
+    for cfg in (mlp, cnn):
+        assert config_from_dict(cfg.to_dict(), tmp_path).fingerprint() == cfg.fingerprint()
 
 
 # ---------------------------------------------------------------------------------------------
