@@ -122,11 +122,6 @@ def build_cnn(spec: ModelSpec) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def conv_layers(model: nn.Module) -> list[nn.Conv2d]:
-    """The nn.Conv2d layers of a built-in CNN, in order."""
-    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-
-
 def _call_entry_point(spec: ModelSpec) -> nn.Module:
     module_name, _, attr = spec.entry_point.partition(":")
     factory = getattr(importlib.import_module(module_name), attr)

@@ -19,8 +19,8 @@ batch of shape (2, b, d). Four ways of holding the two runs (``make_twin``):
 For a user's model :func:`choose_twin` times a few steps of each kind that can step it (``GroupedTwin``,
 ``FuncTwin``, ``SequentialTwin``) on the trial's first minibatch and keeps the fastest (vmap is not
 always faster than two modules: small layers pay its dispatch); the choice is recorded with the run
-(``TwinRun.twin``). All four compute the same SGD
-steps up to float rounding (tests/test_training.py, tests/test_perf_equivalence.py).
+(``TwinRun.twin``). All four compute the same SGD steps up to float rounding (tests/test_training.py,
+tests/test_lockstep.py).
 """
 
 from __future__ import annotations
