@@ -55,7 +55,7 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="torch threads per worker process (default: [run] threads, else the cores this process "
-        "may use, divided among --workers)",
+        "may use, divided among --workers, at most those idle)",
     )
 
 

@@ -428,8 +428,15 @@ def available_cores() -> int:
 
 def default_threads(workers: int = 1) -> int:
     """Torch threads per worker when none are asked for: the available cores shared among the
-    ``workers`` processes of this machine, at least one, so K workers never oversubscribe C cores."""
-    return max(1, available_cores() // max(1, workers))
+    ``workers`` processes of this machine, and no more than the cores left idle by what already runs
+    (the 1-minute load average), at least one. Torch's threads spin while they wait for each other:
+    on a busy machine two threads per process made trials many times slower than one."""
+    cores = available_cores()
+    try:
+        idle = int(cores - os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average (Windows)
+        idle = cores
+    return max(1, min(cores // max(1, workers), idle))
 
 
 def set_threads(threads: int | None, workers: int = 1) -> int:

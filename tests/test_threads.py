@@ -22,14 +22,22 @@ BASE = {
 
 @pytest.fixture
 def four_cores(monkeypatch):
-    """A process allowed on 4 cores of a larger machine (a container, taskset)."""
+    """A process allowed on 4 cores of a larger machine (a container, taskset), all idle."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
 
 
 def test_the_default_is_the_process_share_of_its_cores_not_the_machine(four_cores):
     assert available_cores() == 4
     assert [default_threads(k) for k in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
+
+
+def test_the_default_leaves_the_cores_other_processes_keep_busy(four_cores, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))  # 2.6 cores' worth already running
+    assert [default_threads(k) for k in (1, 2, 4)] == [1, 1, 1]
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))  # overloaded: still one
+    assert default_threads(1) == 1
 
 
 @pytest.fixture
