@@ -188,11 +188,11 @@ PARALLEL_FROM = 4
 
 
 def parallel_workers(n_trials: int) -> int:
-    """Processes to certify ``n_trials`` with: this process's cores, at most one per trial; 1 (here,
-    no pool) below :data:`PARALLEL_FROM` trials or on one core."""
-    from hsgd_tune.worker import available_cores
+    """Processes to certify ``n_trials`` with: this process's idle cores (worker.default_threads), at
+    most one per trial; 1 (here, no pool) below :data:`PARALLEL_FROM` trials or with one idle core."""
+    from hsgd_tune.worker import default_threads
 
-    workers = min(available_cores(), n_trials)
+    workers = min(default_threads(), n_trials)
     return workers if n_trials >= PARALLEL_FROM and workers > 1 else 1
 
 

@@ -63,5 +63,5 @@ def test_parallel_certificates_equal_sequential_ones_bit_for_bit(tmp_path, monke
     "cores, trials, expected", [(2, PARALLEL_FROM, 2), (2, PARALLEL_FROM - 1, 1), (1, 12, 1), (16, 5, 5)]
 )
 def test_parallel_workers_only_where_worth_their_start(cores, trials, expected, monkeypatch):
-    monkeypatch.setattr("hsgd_tune.worker.available_cores", lambda: cores)
+    monkeypatch.setattr("hsgd_tune.worker.default_threads", lambda: cores)  # idle cores
     assert parallel_workers(trials) == expected
