@@ -8,7 +8,7 @@ logs its params, the final validation loss and the minibatch-loss curve (every `
 steps) to its own MLflow run under a parent run, in a SQLite store under ``mlruns/``, with Optuna's
 journal file there too: one run per trial, as the quick-start has. No twin, no bound, no certificate.
 
-    python benchmarks/plain_study.py [--trials 20] [--steps 1000]   # in an empty folder
+    python benchmarks/plain_study.py [--trials 20] [--steps 1000] [--threads 1]   # in an empty folder
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = load_study(QUICKSTART)
     data = load_dataset(cfg.data, cfg.seed)
