@@ -9,6 +9,9 @@ as a new user's first run does), in turn, the order rotating from run to run:
 - *plain*: ``benchmarks/plain_study.py``: Optuna TPE + ``nn.Module`` + ``torch.optim.SGD`` + MLflow,
   same model, steps, search space, sampler and number of trials.
 
+Both sides run with the same torch threads (``--threads``, default 1: on a shared machine torch's
+default of one thread per core makes a run many times slower, which would measure that, not us).
+
 Reported: median wall time of each whole command (interpreter start-up included), ours / plain, and
 for ours the certificates' share (the time from the last trial's end to the command's end, read from
 the Optuna journal, includes printing the ranking).
@@ -60,10 +63,19 @@ def timed(command: list[str], cwd: Path) -> tuple[float, float]:
     return seconds, time.time()
 
 
-def run_ours(trials: int, steps: int, certificates: bool) -> dict[str, float]:
+def run_ours(trials: int, steps: int, certificates: bool, threads: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as work:
         study = study_file(Path(work), trials, steps, certificates)
-        command = [sys.executable, "-m", "hsgd_tune.cli", "run", str(study), "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "hsgd_tune.cli",
+            "run",
+            str(study),
+            "--quiet",
+            "--threads",
+            str(threads),
+        ]
         seconds, ended = timed(command, Path(work))
         journal = optuna.storages.journal.JournalFileBackend(
             str(Path(work) / "mlruns" / "optuna-journal.log")
@@ -75,12 +87,20 @@ def run_ours(trials: int, steps: int, certificates: bool) -> dict[str, float]:
         return {"total": seconds, "after trials": ended - last_trial}
 
 
-def run_plain(trials: int, steps: int) -> dict[str, float]:
+def run_plain(trials: int, steps: int, threads: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as work:
         script = str(REPO / "benchmarks" / "plain_study.py")
-        seconds, _ = timed(
-            [sys.executable, script, "--trials", str(trials), "--steps", str(steps)], Path(work)
-        )
+        command = [
+            sys.executable,
+            script,
+            "--trials",
+            str(trials),
+            "--steps",
+            str(steps),
+            "--threads",
+            str(threads),
+        ]
+        seconds, _ = timed(command, Path(work))
         return {"total": seconds}
 
 
@@ -90,18 +110,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--trials", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of every command")
     args = ap.parse_args()
     trials = args.trials or (10 if args.quick else 20)
     steps = args.steps or (300 if args.quick else 1000)
     runs = args.runs or (1 if args.quick else 3)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     commands = {
-        "ours": lambda: run_ours(trials, steps, certificates=True),
-        "ours, no certificates": lambda: run_ours(trials, steps, certificates=False),
-        "plain Optuna + MLflow": lambda: run_plain(trials, steps),
+        "ours": lambda: run_ours(trials, steps, True, args.threads),
+        "ours, no certificates": lambda: run_ours(trials, steps, False, args.threads),
+        "plain Optuna + MLflow": lambda: run_plain(trials, steps, args.threads),
     }
     print(
-        f"# study: {trials} trials of {steps} steps, {runs} run(s) of each command, order rotating; "
+        f"# study: {trials} trials of {steps} steps, {runs} run(s) of each command, order rotating, "
+        f"{args.threads} torch thread(s); "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
     )
     times: dict[str, list[dict]] = {name: [] for name in commands}
