@@ -144,7 +144,6 @@ def study_config(task: str, seed: int, budget: Budget) -> StudyConfig:
         },
         "training": {"steps": budget.steps, "record_every": 25},
         "objectives": {"minimize": ["val_loss", "risk_bound"]},  # explicit: defaults may change
-        "bound": {"max_trials": n_trials},
         "certificate": {"enabled": False},  # the rules use the gap bound and held-out estimates only
         "diagnostics": {"tail_index": False, "analytic": False, "trials": "none"},
         "run": {"n_trials": n_trials},
@@ -155,7 +154,7 @@ def study_config(task: str, seed: int, budget: Budget) -> StudyConfig:
 def trial_row(cfg: StudyConfig, data: Dataset, lr: float, b: int) -> dict:
     """Per-example arrays of one trial (for any n_val), or ``diverged=True``."""
     try:
-        outcome = evaluate(cfg, data, {"learning_rate": lr, "batch_size": b}, cfg.max_trials)
+        outcome = evaluate(cfg, data, {"learning_rate": lr, "batch_size": b})
     except DivergedError:
         return {"learning_rate": lr, "batch_size": b, "diverged": True}
     held = outcome.heldout

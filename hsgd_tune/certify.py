@@ -148,6 +148,7 @@ def certify(
     on_trial: Callable[[Certified], None] | None = None,
     lock: Callable[[], contextlib.AbstractContextManager] | None = None,
     stop: threading.Event | None = None,
+    workers: int | None = None,
 ) -> list[Certified]:
     """Certify trials ``numbers`` of ``study`` unless their runs already hold a certificate.
 
@@ -156,9 +157,13 @@ def certify(
     :class:`~hsgd_tune.worker.StudyLock`) is held around each trial's check-compute-log, so several
     processes certifying the same study compute each trial once. ``on_trial`` sees each trial
     computed now (not those found done). Once ``stop`` is set, no further trial starts.
+    ``workers``: processes computing certificates side by side (default: :func:`parallel_workers`).
     """
     _check_same_study(cfg, study)
     trials = [certifiable(study, n) for n in dict.fromkeys(numbers)]
+    workers = parallel_workers(len(trials)) if workers is None else workers
+    if workers > 1:
+        return _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, workers)
     results = []
     for trial in trials:
         if stop is not None and stop.is_set():
@@ -178,6 +183,62 @@ def certify(
         if on_trial is not None:
             on_trial(result)
     return results
+
+
+#: Fewest trials to certify for which worker processes pay for their start (importing torch, ~1–2 s)
+#: at about 0.9 s per quick-start certificate (benchmarks/study.py).
+PARALLEL_FROM = 4
+
+
+def parallel_workers(n_trials: int) -> int:
+    """Processes to certify ``n_trials`` with: this process's idle cores (worker.default_threads), at
+    most one per trial; 1 (here, no pool) below :data:`PARALLEL_FROM` trials or with one idle core."""
+    from hsgd_tune.worker import default_threads
+
+    workers = min(default_threads(), n_trials)
+    return workers if n_trials >= PARALLEL_FROM and workers > 1 else 1
+
+
+def _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, workers):
+    """:func:`certify` with :func:`certify_trial` run for the pending trials in ``workers`` spawned
+    processes, each logging its trial to MLflow itself. Each runs the same code on the same recorded
+    arrays with one torch thread (``measure`` sets it), so every number is bit for bit the one a
+    sequential :func:`certify` logs. ``lock`` is held over the whole batch (not per trial), so a
+    concurrent certifier still computes no trial twice; ``on_trial`` sees the trials in order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    results: dict[int, Certified] = {}
+    with lock() if lock is not None else contextlib.nullcontext():
+        pending = []
+        for trial in trials:
+            run = _get_run(tracker, trial.number, trial.user_attrs["mlflow_run_id"])
+            if is_done(run):
+                results[trial.number] = _found(trial.number, run)
+            else:
+                pending.append((trial, run.data.metrics))
+        if pending and data is None:
+            from hsgd_tune.runner import prepare  # runner imports this module
+
+            data = prepare(cfg)
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+        with ProcessPoolExecutor(min(workers, max(1, len(pending))), mp_context=context) as pool:
+            futures = [
+                (t, pool.submit(_certify_in_worker, cfg, data, tracker.uri, t, metrics))
+                for t, metrics in pending
+            ]
+            for trial, future in futures:
+                if stop is not None and stop.is_set():
+                    pool.shutdown(cancel_futures=True)  # trials already running still finish
+                    break
+                results[trial.number] = future.result()
+                if on_trial is not None:
+                    on_trial(results[trial.number])
+    return [results[t.number] for t in trials if t.number in results]
+
+
+def _certify_in_worker(cfg, data, uri: str, trial, run_metrics) -> Certified:
+    return certify_trial(cfg, data, Tracker(uri), trial, run_metrics)
 
 
 def recorded(study: optuna.Study, tracker: Tracker, number: int) -> Certified | None:

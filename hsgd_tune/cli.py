@@ -106,15 +106,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--n-trials", "must be a positive integer", args.n_trials)
     if args.timeout is not None and not args.timeout > 0:
         raise ConfigError("--timeout", "must be a positive number of seconds", args.timeout)
-    cfg = with_run(load_study(args.study), n_trials=args.n_trials, timeout=args.timeout, storage=args.storage)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError("--threads", "must be a positive integer", args.threads)
+    cfg = with_run(
+        load_study(args.study),
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        threads=args.threads,
+    )
     from hsgd_tune.runner import run_study  # torch, Optuna, MLflow: seconds; a bad study file fails first
 
     stop = None
     if args.workers != 1:  # K local worker processes; each prints a line per trial
         summary = cli_worker.run_local_workers(args, cfg)
     else:
-        from hsgd_tune.worker import GracefulStop, WorkerOptions
+        from hsgd_tune.worker import GracefulStop, WorkerOptions, set_threads
 
+        set_threads(cfg.run.threads)  # never more than this process's cores (torch may take more)
         # Ctrl-C (or SIGTERM) once: the running trial finishes, then the run stops; twice: now (the
         # trial is failed and its parameters queued again for the next run), as for `worker`.
         stop = GracefulStop(threading.Event()).install()

@@ -46,8 +46,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="PostgreSQL only: seconds between a running trial's heartbeats (default 10); a trial "
         "that misses three is failed and re-run by another worker",
     )
-    worker.add_argument(
-        "--threads", type=int, metavar="N", help="torch threads (default: torch's own choice)"
+    add_threads_option(worker)
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads per worker process (default: [run] threads, else the cores this process "
+        "may use, divided among --workers, at most those idle)",
     )
 
 
@@ -60,6 +68,7 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
         help="run K worker processes on this machine, sharing the study (journal file or PostgreSQL); "
         "torch threads are split between them",
     )
+    add_threads_option(run)
 
 
 def _positive(name: str, value, integer: bool = True) -> None:
@@ -72,7 +81,14 @@ def load_config(args: argparse.Namespace):
 
     _positive("--n-trials", args.n_trials)
     _positive("--timeout", args.timeout, integer=False)
-    cfg = with_run(load_study(args.study), n_trials=args.n_trials, timeout=args.timeout, storage=args.storage)
+    _positive("--threads", args.threads)
+    cfg = with_run(
+        load_study(args.study),
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        threads=args.threads,
+    )
     from hsgd_tune.worker import check_shareable
 
     check_shareable(cfg.run.storage)
@@ -81,12 +97,11 @@ def load_config(args: argparse.Namespace):
 
 def cmd_worker(args: argparse.Namespace) -> int:
     _positive("--heartbeat", args.heartbeat)
-    _positive("--threads", args.threads)
     cfg = load_config(args)
     from hsgd_tune.runner import run_study
     from hsgd_tune.worker import GracefulStop, WorkerOptions, set_threads
 
-    set_threads(args.threads)
+    set_threads(cfg.run.threads)
     stop = GracefulStop(threading.Event()).install()
     options = WorkerOptions(stop=stop.event, lines=True, shared=True)
     if args.heartbeat is not None:
@@ -113,7 +128,7 @@ def run_local_workers(args: argparse.Namespace, cfg):
     from hsgd_tune.runner import RunSummary, prepare
     from hsgd_tune.study import create_or_resume, open_storage, trials_done
     from hsgd_tune.tracking import check_tracking_uri, tracking_uri
-    from hsgd_tune.worker import PARENT_ATTR, StudyLock, check_shareable, check_tracking
+    from hsgd_tune.worker import PARENT_ATTR, StudyLock, check_shareable, check_tracking, default_threads
 
     check_shareable(cfg.run.storage)
     prepare(cfg)
@@ -122,7 +137,7 @@ def run_local_workers(args: argparse.Namespace, cfg):
     storage = open_storage(cfg.run.storage)
     with StudyLock(storage, cfg.run.storage, cfg.name)():
         before = trials_done(create_or_resume(cfg, storage))  # a changed study file fails here, once
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    threads = cfg.run.threads or default_threads(args.workers)
     codes, interrupted = _spawn_and_wait(_worker_command(args, threads), args.workers, threads)
     study = create_or_resume(cfg, storage)
     done = trials_done(study)

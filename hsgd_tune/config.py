@@ -26,7 +26,9 @@ from hsgd_tune.errors import ConfigError
 
 DATA_SOURCES = ("digits", "breast_cancer", "wine", "synthetic", "csv")
 TASKS = ("classification", "regression")
-MODEL_KINDS = ("mlp", "linear", "entry_point")
+MODEL_KINDS = ("mlp", "linear", "cnn", "entry_point")
+#: [model] keys of the convolutional model only (kind = "cnn").
+CNN_KEYS = ("channels", "image_shape", "kernel_size")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 DEVICES = ("cpu", "cuda", "auto")
 #: Objectives a study may minimise; each is a metric every completed trial reports.
@@ -83,6 +85,9 @@ class ModelConfig:
     kind: str = "mlp"
     widths: tuple[int, ...] = (64, 64)
     entry_point: str | None = None
+    channels: tuple[int, ...] = ()  # cnn: output channels of each conv + ReLU + 2×2 max-pool block
+    image_shape: tuple[int, ...] = ()  # cnn: (channels, height, width) of a row, e.g. (1, 8, 8)
+    kernel_size: int = 3  # cnn: odd, "same" padding
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,7 @@ class RunConfig:
     timeout: float | None = None
     storage: str | None = None
     experiment: str | None = None
+    threads: int | None = None  # torch threads per worker process; None: its share of the cores
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,11 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The whole resolved config as plain JSON-able values (for logging)."""
-        return _jsonable(dataclasses.asdict(self))
+        tree = _jsonable(dataclasses.asdict(self))
+        if self.model.kind != "cnn":  # other studies' configs, params and fingerprints stay as they were
+            for key in CNN_KEYS:
+                tree["model"].pop(key)
+        return tree
 
     def fingerprint(self) -> str:
         """Hash of everything that determines trial results (not ``run``, not the file's path)."""
@@ -422,8 +432,40 @@ def _read_model(t: _Table) -> ModelConfig:
     entry_point = t.get("entry_point", "str", None)
     if (kind == "entry_point") != (entry_point is not None):
         raise ConfigError(t.key("entry_point"), "is required exactly when kind = 'entry_point'", entry_point)
+    if kind == "cnn":
+        if widths:
+            raise ConfigError(t.key("widths"), "must be empty for a cnn (its layers are `channels`)", widths)
+        cnn = _read_cnn(t)
+        t.done()
+        return ModelConfig(kind=kind, widths=(), **cnn)
+    for key in CNN_KEYS:
+        if t.has(key):
+            raise ConfigError(t.key(key), "is only allowed when kind = 'cnn'", t.raw[key])
     t.done()
     return ModelConfig(kind=kind, widths=tuple(widths), entry_point=entry_point)
+
+
+def _read_cnn(t: _Table) -> dict[str, Any]:
+    """channels, image_shape and kernel_size of a CNN; whether image_shape matches the data's
+    feature count is checked when the data are loaded (models.build_model)."""
+    channels = t.get("channels", "list", [16, 32])
+    if not channels:
+        raise ConfigError(t.key("channels"), "must name at least one convolution", channels)
+    for i, c in enumerate(channels):
+        if not isinstance(c, int) or isinstance(c, bool) or c <= 0:
+            raise ConfigError(t.key(f"channels[{i}]"), "must be a positive integer", c)
+    shape = t.get("image_shape", "list")
+    if len(shape) != 3 or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in shape):
+        rule = "must be [channels, height, width] of positive integers"
+        raise ConfigError(t.key("image_shape"), rule, shape)
+    smallest = 2 ** len(channels)  # each block halves height and width (2×2 max-pool)
+    if min(shape[1:]) < smallest:
+        rule = f"must be at least {smallest}×{smallest} pixels for {len(channels)} pooling blocks"
+        raise ConfigError(t.key("image_shape"), rule, shape)
+    kernel = _positive(t, "kernel_size", "int", 3)
+    if kernel % 2 == 0:
+        raise ConfigError(t.key("kernel_size"), "must be odd (same padding)", kernel)
+    return {"channels": tuple(channels), "image_shape": tuple(shape), "kernel_size": kernel}
 
 
 def _read_knob(t: _Table, name: str, default_kind: str) -> Knob:
@@ -634,6 +676,7 @@ def _read_run(t: _Table) -> RunConfig:
         timeout=_positive(t, "timeout", "float", None),
         storage=t.get("storage", "str", None),
         experiment=t.get("experiment", "str", None),
+        threads=_positive(t, "threads", "int", None),
     )
     t.done()
     return cfg

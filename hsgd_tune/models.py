@@ -1,8 +1,9 @@
 """Built-in models and user entry points.
 
 Every model is an ``nn.Module`` so it can be saved, rebuilt and served. The built-in ones (an MLP with
-ReLU, or a linear model) are also known layer by layer, which lets :mod:`hsgd_tune.training` advance
-the empirical and the reference run in one batched pass (stacked weights) instead of two.
+ReLU, a linear model, a small CNN for rows that are images) are also known layer by layer, which lets
+:mod:`hsgd_tune.training` advance the empirical and the reference run in one batched pass (stacked
+weights, grouped convolutions) instead of two.
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ from hsgd_tune.errors import ConfigError
 class ModelSpec:
     """Everything needed to rebuild a model: saved with each trial's final weights."""
 
-    kind: str  # "mlp" | "linear" | "entry_point"
+    kind: str  # "mlp" | "linear" | "cnn" | "entry_point"
     n_features: int
     n_outputs: int
     widths: tuple[int, ...] = ()
     entry_point: str | None = None
     kwargs: tuple[tuple[str, Any], ...] = ()  # knobs passed to a user entry point
+    channels: tuple[int, ...] = ()  # cnn: output channels of each conv block
+    image_shape: tuple[int, ...] = ()  # cnn: (channels, height, width) of one row
+    kernel_size: int = 3  # cnn
 
     @property
     def is_builtin(self) -> bool:
+        """A Linear/ReLU stack (training.StackedTwin steps it by hand)."""
         return self.kind in ("mlp", "linear")
 
     def layer_sizes(self) -> tuple[int, ...]:
@@ -44,7 +49,12 @@ class ModelSpec:
             "widths": list(self.widths),
             "entry_point": self.entry_point,
             "kwargs": dict(self.kwargs),
+            **(self._cnn_dict() if self.kind == "cnn" else {}),
         }
+
+    def _cnn_dict(self) -> dict[str, Any]:
+        shape = {"channels": list(self.channels), "image_shape": list(self.image_shape)}
+        return {**shape, "kernel_size": self.kernel_size}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
@@ -55,6 +65,9 @@ class ModelSpec:
             widths=tuple(d.get("widths", ())),
             entry_point=d.get("entry_point"),
             kwargs=tuple(sorted(d.get("kwargs", {}).items())),
+            channels=tuple(d.get("channels", ())),
+            image_shape=tuple(d.get("image_shape", ())),
+            kernel_size=int(d.get("kernel_size", 3)),
         )
 
 
@@ -68,6 +81,9 @@ def model_spec(cfg: ModelConfig, n_features: int, n_outputs: int, knobs: dict[st
         widths=tuple(widths),
         entry_point=cfg.entry_point,
         kwargs=tuple(sorted(knobs.items())),
+        channels=cfg.channels,
+        image_shape=cfg.image_shape,
+        kernel_size=cfg.kernel_size,
     )
 
 
@@ -81,7 +97,28 @@ def build_model(spec: ModelSpec) -> nn.Module:
                 layers.append(nn.ReLU())
             layers.append(nn.Linear(d_in, d_out))
         return nn.Sequential(*layers)
+    if spec.kind == "cnn":
+        return build_cnn(spec)
     return _call_entry_point(spec)
+
+
+def build_cnn(spec: ModelSpec) -> nn.Sequential:
+    """Rows as images: Unflatten to (c, h, w), then per entry of ``channels`` a block Conv2d (same
+    padding) → ReLU → MaxPool2d(2), then Flatten → Linear to the outputs."""
+    c, h, w = spec.image_shape
+    if c * h * w != spec.n_features:
+        raise ConfigError(
+            "model.image_shape",
+            f"must hold the data's {spec.n_features} features per row (c × h × w = {c * h * w})",
+            list(spec.image_shape),
+        )
+    layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))]
+    for out in spec.channels:
+        conv = nn.Conv2d(c, out, spec.kernel_size, padding=spec.kernel_size // 2)
+        layers += [conv, nn.ReLU(), nn.MaxPool2d(2)]
+        c, h, w = out, h // 2, w // 2
+    layers += [nn.Flatten(), nn.Linear(c * h * w, spec.n_outputs)]
+    return nn.Sequential(*layers)
 
 
 def _call_entry_point(spec: ModelSpec) -> nn.Module:

@@ -28,7 +28,7 @@ from hsgd_tune.errors import ConfigError, DivergedError
 from hsgd_tune.heldout import HeldOut, heldout_estimates
 from hsgd_tune.models import ModelSpec, model_spec
 from hsgd_tune.sketch import sketch_assumptions
-from hsgd_tune.study import FAIL_REASON, sample_params, worker_identity
+from hsgd_tune.study import FAIL_REASON, sample_params, set_user_attrs, worker_identity
 from hsgd_tune.tracking import Tracker, flatten
 from hsgd_tune.training import H_RUN, S_RUN, TrainSettings, TwinRun, train_twin
 
@@ -102,6 +102,8 @@ class TrialOutcome:
             tags |= self.certified_heldout.tags
         if self.heldout is not None:
             tags |= self.heldout.tags()
+        if self.run.twin:  # how both runs were stepped (training.make_twin; measured for user models)
+            tags["hsgd.twin_step"] = self.run.twin
         if self.measured is not None:
             tags |= self.measured.tags
         tags["hsgd.delta_split"] = DELTA_SPLIT
@@ -188,7 +190,9 @@ def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any]) -> TrialOu
     run.seconds["heldout_estimates"] = time.perf_counter() - started
     if "crossfit_loss" in cfg.objectives and "crossfit" in estimates.skipped:  # every trial would fail
         raise ConfigError(
-            "objectives.minimize", f"cannot use crossfit_loss: {estimates.skipped['crossfit']}", "crossfit_loss"
+            "objectives.minimize",
+            f"cannot use crossfit_loss: {estimates.skipped['crossfit']}",
+            "crossfit_loss",
         )
     outcome = TrialOutcome(params, settings, spec, run, bound, measured, held, deltas, estimates)
     for name in cfg.objectives:
@@ -269,21 +273,23 @@ class Objective:
 
     def _log(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome) -> None:
         started = time.perf_counter()
-        for key, value in outcome.bound.metrics().items():
-            trial.set_user_attr(key, value)
+        attrs = dict(outcome.bound.metrics())
         for key in ("val/loss", "val/error", "train/loss"):
-            trial.set_user_attr(key, outcome.run.final[key])
+            attrs[key] = outcome.run.final[key]
         estimates = outcome.heldout.metrics() if outcome.heldout is not None else {}
         for key in RANK_ESTIMATES:  # for rank's rules; the errors go to MLflow only (fewer writes)
             if key in estimates:
-                trial.set_user_attr(key, estimates[key])
+                attrs[key] = estimates[key]
         measured = outcome.measured.metrics if outcome.measured is not None else {}
         for key in SUMMARY_MEASURES:  # for rank and report, when the trial measured them itself
             if math.isfinite(measured.get(key, math.nan)):
-                trial.set_user_attr(key, measured[key])
+                attrs[key] = measured[key]
+        set_user_attrs(trial, attrs)  # one journal append / transaction, not one per attribute
         curves = {name: (outcome.run.record_steps, values) for name, values in outcome.run.curves.items()}
-        artifacts = Path(tempfile.mkdtemp(prefix="hsgd-trial-"))  # deleted once logged
-        write_artifacts(outcome, artifacts)
+        folder = self.tracker.local_artifact_dir(run_id)  # local store: written in place, once
+        artifacts = Path(tempfile.mkdtemp(prefix="hsgd-trial-")) if folder is None else None  # uploaded
+        (folder or artifacts).mkdir(parents=True, exist_ok=True)
+        write_artifacts(outcome, folder or artifacts)
         # Final metrics sit at the last step, where the val/loss curve ends at the same value.
         # time/logging_s cannot include the batch that carries it: it is the logging before it
         # (benchmarks/overhead.py times the whole trial).

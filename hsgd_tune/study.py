@@ -271,3 +271,53 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """``trial.set_user_attr`` for every item, in one storage write where the storage allows it.
+
+    Optuna writes each attribute on its own: a journal append with an fsync, or a database
+    transaction, about 1–4 ms each. Here the journal gets all of them in one append (one lock, one
+    fsync; each record still one attribute, as Optuna's replay expects) and a database one
+    transaction. The records are exactly what ``set_user_attr`` would write, so every reader sees the
+    same attributes. Other storages fall back to one call per attribute.
+    """
+    storage = trial.storage
+    backend = getattr(storage, "_backend", None)  # _CachedStorage wraps an RDBStorage
+    if isinstance(storage, JournalStorage) and hasattr(storage, "_replay_result"):
+        _journal_user_attrs(storage, trial._trial_id, attrs)
+    elif isinstance(backend, optuna.storages.RDBStorage):
+        _rdb_user_attrs(backend, trial._trial_id, attrs)
+    else:
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+    trial._cached_frozen_trial.user_attrs.update(attrs)  # what set_user_attr also keeps
+
+
+def _journal_user_attrs(storage: JournalStorage, trial_id: int, attrs: dict[str, Any]) -> None:
+    from optuna.storages.journal._storage import JournalOperation
+
+    with storage._thread_lock:
+        worker_id = storage._replay_result.worker_id
+        logs = [
+            {
+                "op_code": JournalOperation.SET_TRIAL_USER_ATTR,
+                "worker_id": worker_id,
+                "trial_id": trial_id,
+                "user_attr": {key: value},
+            }
+            for key, value in attrs.items()
+        ]
+        storage._backend.append_logs(logs)
+        storage._sync_with_backend()
+
+
+def _rdb_user_attrs(storage: optuna.storages.RDBStorage, trial_id: int, attrs: dict[str, Any]) -> None:
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        for key, value in attrs.items():
+            storage._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, key, value
+            )

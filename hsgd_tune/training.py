@@ -5,14 +5,28 @@ the only thing that differs is the data they see (DESIGN.md §2, "Reference dyna
 trajectory is then independent of S, which is what the bound needs.
 
 Runs are advanced in lock step: every step is one forward and one backward pass over a stacked
-batch of shape (2, b, d). For the built-in models the weights are stacked too, (2, out, in), and the
-pass is a batched matrix product, so two runs cost about one; a user's ``nn.Module`` is stepped as two
-copies inside the same loop.
+batch of shape (2, b, d). Four ways of holding the two runs (``make_twin``):
+
+* :class:`StackedTwin` (built-in MLP and linear model): weights stacked (2, out, in), a batched matrix
+  product per layer and a hand-written backward pass, so two runs cost about one;
+* :class:`GroupedTwin` (built-in CNN, a user's ``nn.Sequential`` of common layers): a batched matrix
+  product per Linear and one grouped convolution (``groups=2``, the two runs' channels side by side)
+  per Conv2d, autograd for the backward pass;
+* :class:`FuncTwin` (a user's ``nn.Module``): parameters stacked (2, ...), ``torch.func.vmap`` over
+  ``functional_call``;
+* :class:`SequentialTwin` (a user's ``nn.Module``): two copies, each its own forward in the same loop.
+
+For a user's model :func:`choose_twin` times a few steps of each kind that can step it (``GroupedTwin``,
+``FuncTwin``, ``SequentialTwin``) on the trial's first minibatch and keeps the fastest (vmap is not
+always faster than two modules: small layers pay its dispatch); the choice is recorded with the run
+(``TwinRun.twin``). All four compute the same SGD steps up to float rounding (tests/test_training.py,
+tests/test_lockstep.py).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +39,13 @@ from torch.func import functional_call, grad, vmap
 
 from hsgd_tune.data import Dataset, Split
 from hsgd_tune.errors import DivergedError
-from hsgd_tune.models import ModelSpec, build_model, count_parameters, linear_layers, load_flat_parameters
+from hsgd_tune.models import (
+    ModelSpec,
+    build_model,
+    count_parameters,
+    linear_layers,
+    load_flat_parameters,
+)
 from hsgd_tune.sketch import SignSketch
 
 S_RUN, H_RUN = 0, 1
@@ -76,6 +96,7 @@ class TwinRun:
     n_parameters: int = 0  # p, the model's parameter count
     sketch_dim: int = 0  # k when ``trajectories`` are JL sketches (2, N, k) of the iterates, else 0
     last_iterates: np.ndarray | None = None  # (2, p) the final weights of both runs, never sketched
+    twin: str = ""  # how both runs were stepped: "stacked", "grouped", "vmap" or "sequential"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +131,8 @@ class StackedTwin:
     weight gradients and one for the gradient flowing down. Without autograd's graph a step of both
     runs costs about one ``nn.Module`` + ``torch.optim.SGD`` step (benchmarks/overhead.py).
     """
+
+    name = "stacked"
 
     def __init__(self, model: nn.Module):
         layers = linear_layers(model)
@@ -174,8 +197,157 @@ def _loss_and_output_gradient(
     return residual.pow(2).mean(dim=1), (residual * (2.0 / batch)).unsqueeze(-1)
 
 
+#: Parameter-free layers that act on each value on its own: they apply to both runs' activations
+#: side by side unchanged, in either layout.
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Identity,
+)
+#: Pooling acts on each channel of each example on its own: as is on images (b, 2c, h, w).
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+def grouping_plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """How :class:`GroupedTwin` steps ``model``, layer by layer, or None when it cannot.
+
+    It can for an ``nn.Sequential`` without buffers of Linear, Conv2d (groups=1, zero padding),
+    Flatten/Unflatten at dim 1, elementwise activations (``_ELEMENTWISE``) and 2-d pooling, with
+    Linear layers on rows (2, b, f) and Conv2d and pooling layers on images (b, 2c, h, w).
+    """
+    if not isinstance(model, nn.Sequential) or any(True for _ in model.buffers()):
+        return None
+    plan, layout = [], "rows"
+    for layer in model:
+        if isinstance(layer, nn.Linear) and layout == "rows":
+            step = "linear"
+        elif isinstance(layer, nn.Conv2d) and layout == "image":
+            if type(layer) is not nn.Conv2d or layer.groups != 1 or layer.padding_mode != "zeros":
+                return None
+            step = "conv"
+        elif type(layer) in _ELEMENTWISE or (type(layer) in _POOLS and layout == "image"):
+            step = "per-example"
+        elif type(layer) is nn.Unflatten and layer.dim == 1 and layout == "rows":
+            if len(layer.unflattened_size) != 3:
+                return None
+            step, layout = "unflatten", "image"
+        elif type(layer) is nn.Flatten and (layer.start_dim, layer.end_dim) == (1, -1):
+            step, layout = ("flatten" if layout == "image" else "per-example"), "rows"
+        else:
+            return None
+        plan.append((step, layer))
+    return plan if layout == "rows" else None
+
+
+class GroupedTwin:
+    """A model of :func:`grouping_plan`'s layers (the built-in CNN, a user's Sequential) held twice:
+    each parameter stacked (2, ...), each Linear of both runs one batched matrix product, each
+    convolution one grouped convolution over both runs' channels side by side.
+
+    Images of both runs are laid out (b, 2c, h, w): group r of every convolution (``groups=2``) sees
+    run r's channels only, so the pass computes both runs exactly as two separate modules would.
+    Autograd's graph is built from the stacked leaves; the summed loss of the two runs separates, so
+    its gradient is each run's own.
+    """
+
+    name = "grouped"
+
+    def __init__(self, model: nn.Module, plan: list[tuple[str, nn.Module]]):
+        self.plan = plan
+        self.stacked: list[list[torch.Tensor]] = []  # per layer: stacked weight (and bias)
+        for step, layer in plan:
+            if step == "linear":
+                bias = [] if layer.bias is None else [_stack2(layer.bias.unsqueeze(0))]  # (2, 1, out)
+                self.stacked.append([_stack2(layer.weight), *bias])
+            elif step == "conv":
+                self.stacked.append(
+                    [_stack2(layer.weight), *([] if layer.bias is None else [_stack2(layer.bias)])]
+                )
+            else:
+                self.stacked.append([])
+        for p in self.params:
+            p.requires_grad_(True)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for layer in self.stacked for p in layer]  # the order of model.parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (2, b, d) → outputs (2, b, k)."""
+        h, b = x, x.shape[1]
+        for (step, layer), params in zip(self.plan, self.stacked, strict=True):
+            if step == "linear":
+                w = params[0].transpose(1, 2)
+                h = torch.baddbmm(params[1], h, w) if len(params) > 1 else torch.bmm(h, w)
+            elif step == "conv":  # weight (2, out, in, k, k) → (2·out, in, k, k), group-major
+                bias = params[1].flatten() if len(params) > 1 else None
+                h = torch.nn.functional.conv2d(
+                    h, params[0].flatten(0, 1), bias, layer.stride, layer.padding, layer.dilation, groups=2
+                )
+            elif step == "unflatten":  # (2, b, c·h·w) → (b, 2c, h, w)
+                c, *hw = layer.unflattened_size
+                h = h.reshape(2, b, c, *hw).transpose(0, 1).reshape(b, 2 * c, *hw)
+            elif step == "flatten":  # (b, 2c, h, w) → (2, b, c·h·w), each run's in Flatten's order
+                h = h.reshape(b, 2, -1).transpose(0, 1)
+            else:
+                h = layer(h)
+        return h
+
+    def loss_and_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, task: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(2,) mean minibatch loss of each run, and its gradient for each tensor of :attr:`params`."""
+        with torch.enable_grad():
+            loss = per_example_loss(self.forward(x), y, task).mean(dim=1)
+            return loss.detach(), list(torch.autograd.grad(loss.sum(), self.params))
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(2, -1) for p in self.params], dim=1)
+
+
+class FuncTwin:
+    """Any ``nn.Module`` without buffers, its parameters stacked (2, ...) and both runs one
+    ``vmap(functional_call)`` pass; autograd's backward gives each run its own gradient."""
+
+    name = "vmap"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = [n for n, _ in model.named_parameters()]
+        self.stacked = [_stack2(p).requires_grad_(True) for p in model.parameters()]
+        self._forward = vmap(self._forward_one)
+
+    def _forward_one(self, params: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, dict(zip(self.names, params, strict=True)), (x,))
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.stacked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(tuple(self.stacked), x)
+
+    def loss_and_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, task: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.enable_grad():
+            loss = per_example_loss(self.forward(x), y, task).mean(dim=1)
+            return loss.detach(), list(torch.autograd.grad(loss.sum(), self.stacked))
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(2, -1) for p in self.stacked], dim=1)
+
+
 class SequentialTwin:
     """Any ``nn.Module`` held twice; each run's forward is its own call."""
+
+    name = "sequential"
 
     def __init__(self, model: nn.Module):
         self.models = [model, copy.deepcopy(model)]
@@ -203,8 +375,79 @@ def _stack2(t: torch.Tensor) -> torch.Tensor:
     return t.detach().unsqueeze(0).repeat(2, *([1] * t.dim())).clone()
 
 
-def make_twin(model: nn.Module, spec: ModelSpec) -> StackedTwin | SequentialTwin:
-    return StackedTwin(model) if spec.is_builtin else SequentialTwin(model)
+Twin = StackedTwin | GroupedTwin | FuncTwin | SequentialTwin
+
+
+def make_twin(
+    model: nn.Module, spec: ModelSpec, probe: tuple[torch.Tensor, torch.Tensor, str] | None = None
+) -> Twin:
+    """The twin for ``model``: the MLP stacked, the CNN grouped; a user's model the fastest of the
+    kinds that can step it, timed on ``probe`` (a first minibatch (2, b, d), (2, b) and the task), or
+    :class:`SequentialTwin` without one."""
+    if spec.is_builtin:
+        return StackedTwin(model)
+    if spec.kind == "cnn":
+        return GroupedTwin(model, grouping_plan(model))
+    if probe is None:
+        return SequentialTwin(model)
+    return choose_twin(model, probe)
+
+
+#: Per process: (model structure, batch shape, device, threads) → the kind choose_twin measured fastest.
+_CHOSEN: dict[tuple, str] = {}
+
+
+def _candidates(model: nn.Module) -> dict[str, Callable[[nn.Module], Twin]]:
+    kinds: dict[str, Callable[[nn.Module], Twin]] = {}
+    if grouping_plan(model) is not None:
+        kinds[GroupedTwin.name] = lambda m: GroupedTwin(m, grouping_plan(m))
+    if not any(True for _ in model.buffers()):  # vmap cannot update running statistics in place
+        kinds[FuncTwin.name] = FuncTwin
+    kinds[SequentialTwin.name] = SequentialTwin
+    return kinds
+
+
+def choose_twin(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor, str], repeats: int = 5) -> Twin:
+    """Time ``repeats`` forward + backward passes of each kind of twin that can step ``model``
+    (:class:`GroupedTwin` for Sequentials of common layers, :class:`FuncTwin` without buffers,
+    :class:`SequentialTwin` always) on the probe minibatch, interleaved, after one warm-up each (which
+    also drops a kind that fails, e.g. vmap on dropout), and return the fastest (min over repeats),
+    built on ``model``. The choice is remembered per process for the same model structure, batch
+    shape, device and thread count, so a study times each batch size once."""
+    x, _, _ = probe
+    key = (repr(model), tuple(x.shape), str(x.device), torch.get_num_threads())
+    kinds = _candidates(model)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _time_twins(model, kinds, probe, repeats)
+    return kinds[_CHOSEN[key]](model)
+
+
+def _time_twins(
+    model: nn.Module, kinds: dict, probe: tuple[torch.Tensor, torch.Tensor, str], repeats: int
+) -> str:
+    x, y, task = probe
+    timed = {}
+    for name, make in kinds.items():
+        twin = make(copy.deepcopy(model))
+        try:
+            twin.loss_and_gradients(x, y, task)  # warm-up (and: can this kind step the model at all?)
+        except Exception:  # noqa: BLE001 - a kind that fails here is not a candidate
+            if name == SequentialTwin.name:
+                raise
+            continue
+        timed[name] = (twin, [])
+    for _ in range(repeats):
+        for twin, times in timed.values():
+            started = time.perf_counter()
+            twin.loss_and_gradients(x, y, task)
+            _synchronize(x.device)
+            times.append(time.perf_counter() - started)
+    return min(timed, key=lambda name: min(timed[name][1]))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,11 +512,14 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
     device = resolve_device(settings.device)
     started = time.perf_counter()
     model = initial_model(spec, settings.seed).to(device)
-    twin = make_twin(model, spec)
     xs, ys = _tensors(data.train, data.task, device)
     xh, yh = _tensors(data.reference, data.task, device)
     xv, yv = _tensors(data.val, data.task, device)
     x_pairs, y_pairs = _paired(xs, xh), _paired(ys, yh)
+    positions = minibatch_positions(len(ys), settings.batch_size, settings.steps, settings.seed)
+    first = torch.as_tensor(next(positions), device=device)
+    probe = (x_pairs.index_select(1, first), y_pairs.index_select(1, first), data.task)
+    twin = make_twin(model, spec, probe)
 
     store = _iterate_store(spec, data, settings)
     recorder = _Recorder(twin, data.task, (xs, ys), (xh, yh), (xv, yv), store=store)
@@ -283,20 +529,22 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
     interval_loss = torch.zeros(2, device=device)
     noise = _levy_noise(settings, device)
     n_weights = int(twin.flat().shape[1])
-    positions = minibatch_positions(len(ys), settings.batch_size, settings.steps, settings.seed)
-    for step, pos in enumerate(positions, start=1):
-        idx = torch.as_tensor(pos, device=device)
-        xb, yb = x_pairs.index_select(1, idx), y_pairs.index_select(1, idx)  # (2, b, d), (2, b)
-        run_loss, grads = twin.loss_and_gradients(xb, yb, data.task)  # (2,) and one per tensor
-        _sgd_update(twin.params, grads, settings, velocity)
-        if noise is not None:
-            _add_shared(twin, noise.increment(step, n_weights))
-        interval_loss += run_loss
-        if step % settings.record_every == 0 or step == settings.steps:
-            done_since = step - recorder.steps[-1]
-            recorder.record(step, interval_loss=interval_loss / done_since)
-            _check_divergence(recorder, limit, step)
-            interval_loss.zero_()
+    # One no_grad context for the loop, not one per step (its set-up costs as much as a small op);
+    # autograd twins switch gradients on inside loss_and_gradients.
+    with torch.no_grad():
+        for step, pos in enumerate(itertools.chain([first], positions), start=1):
+            idx = torch.as_tensor(pos, device=device)
+            xb, yb = x_pairs.index_select(1, idx), y_pairs.index_select(1, idx)  # (2, b, d), (2, b)
+            run_loss, grads = twin.loss_and_gradients(xb, yb, data.task)  # (2,) and one per tensor
+            _sgd_update(twin.params, grads, settings, velocity)
+            if noise is not None:
+                _add_shared(twin, noise.increment(step, n_weights))
+            interval_loss += run_loss
+            if step % settings.record_every == 0 or step == settings.steps:
+                done_since = step - recorder.steps[-1]
+                recorder.record(step, interval_loss=interval_loss / done_since)
+                _check_divergence(recorder, limit, step)
+                interval_loss.zero_()
     trained = time.perf_counter()
 
     in_loop = sum(store.seconds.values())  # chunks already flushed during training
@@ -317,6 +565,7 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
         n_parameters=store.n_parameters,
         sketch_dim=store.sketch.dim if store.sketch is not None else 0,
         last_iterates=store.latest,
+        twin=twin.name,
     )
 
 
@@ -333,7 +582,7 @@ def _levy_noise(settings: TrainSettings, device: torch.device):
 def _add_shared(twin, increment: torch.Tensor) -> None:
     """Add the same (p,) increment to both runs' weights, in flat-vector order (shared noise)."""
     with torch.no_grad():
-        if isinstance(twin, StackedTwin):
+        if not isinstance(twin, SequentialTwin):  # parameters stacked (2, ...)
             for p, c in zip(twin.params, increment.split([p[0].numel() for p in twin.params]), strict=True):
                 p.add_(c.view(p.shape[1:]))
             return
@@ -344,15 +593,15 @@ def _add_shared(twin, increment: torch.Tensor) -> None:
 
 
 def _sgd_update(params, grads, settings: TrainSettings, velocity) -> None:
-    """Plain SGD (w ← w − η g); weight decay and momentum, when asked, as in torch.optim.SGD."""
-    with torch.no_grad():
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            if settings.weight_decay:
-                g = g + settings.weight_decay * p
-            if velocity is not None:
-                velocity[i].mul_(settings.momentum).add_(g)
-                g = velocity[i]
-            p.add_(g, alpha=-settings.learning_rate)
+    """Plain SGD (w ← w − η g); weight decay and momentum, when asked, as in torch.optim.SGD.
+    Called under ``torch.no_grad()`` (train_twin's loop)."""
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if settings.weight_decay:
+            g = g + settings.weight_decay * p
+        if velocity is not None:
+            velocity[i].mul_(settings.momentum).add_(g)
+            g = velocity[i]
+        p.add_(g, alpha=-settings.learning_rate)
 
 
 def _check_divergence(recorder: _Recorder, limit: torch.Tensor, step: int) -> None:
@@ -449,11 +698,11 @@ def clipped_gradient_norms(
     """‖∇_w ℓ_B(w, z)‖ for every recorded iterate w of both runs and every z of the subsample.
 
     ℓ_B = min(ℓ, B) has zero gradient where ℓ ≥ B. trajectories (2, N, p) → norms (2, N, m).
-    Built-in Linear/ReLU stacks take the closed form for all iterates at once; other models are
-    differentiated per iterate with ``vmap(grad)``.
+    Built-in Linear/ReLU stacks take the closed form for all iterates at once; other models (the CNN,
+    a user's) ``vmap(grad)`` over the examples, batched over chunks of iterates by a second ``vmap``.
     """
     if not is_linear_relu_stack(model):
-        return _vmap_gradient_norms(model, trajectories, data, loss_clip, m, seed)
+        return batched_gradient_norms(model, trajectories, data, loss_clip, m, seed)
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)
     y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
@@ -526,10 +775,44 @@ def _stacked_chunk(shapes, iterates, x, y, task, loss_clip) -> torch.Tensor:
     return (sq.sqrt() * (loss.detach() < loss_clip)).detach()
 
 
+def batched_gradient_norms(
+    model: nn.Module, trajectories: np.ndarray, data: Dataset, loss_clip: float, m: int, seed: int
+) -> np.ndarray:
+    """:func:`clipped_gradient_norms` for any model: ``vmap`` over iterates of ``vmap(grad)`` over
+    examples, in chunks of iterates that hold at most ``_CHUNK_ELEMENTS`` per-example gradient floats.
+    Equals :func:`_vmap_gradient_norms` (one iterate at a time) to float rounding."""
+    model = copy.deepcopy(model).cpu()
+    x_np, y_np = lipschitz_subsample(data, m, seed)
+    x = torch.as_tensor(x_np)
+    y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def loss_one(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, params, (xi.unsqueeze(0),))
+        return per_example_loss(out, yi.unsqueeze(0), data.task)[0]
+
+    def norms_one(flat: torch.Tensor) -> torch.Tensor:  # (p,) one iterate → (m,)
+        params = {n: c.view(s) for n, c, s in zip(names, flat.split(sizes), shapes, strict=True)}
+        grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+        sq = sum(g.reshape(len(y), -1).pow(2).sum(dim=1) for g in grads.values())
+        inside = per_example_loss(functional_call(model, params, (x,)), y, data.task) < loss_clip
+        return sq.sqrt() * inside
+
+    iterates = torch.as_tensor(trajectories)
+    flat = iterates.reshape(-1, iterates.shape[-1])  # (2N, p)
+    step = max(1, _CHUNK_ELEMENTS // (3 * len(y) * flat.shape[1]))  # gradients, squares, activations
+    with torch.no_grad():
+        norms = torch.cat([vmap(norms_one)(chunk) for chunk in flat.split(step)])
+    return norms.reshape(*iterates.shape[:-1], len(y)).double().numpy()
+
+
 def _vmap_gradient_norms(
     model: nn.Module, trajectories: np.ndarray, data: Dataset, loss_clip: float, m: int, seed: int
 ) -> np.ndarray:
-    """The per-iterate ``vmap(grad)`` path of :func:`clipped_gradient_norms`, for any model."""
+    """The per-iterate ``vmap(grad)`` path of :func:`clipped_gradient_norms`, for any model (the
+    reference :func:`batched_gradient_norms` is tested against)."""
     model = copy.deepcopy(model).cpu()
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)

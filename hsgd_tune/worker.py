@@ -450,9 +450,33 @@ class GracefulStop:
         )
 
 
-def set_threads(threads: int | None) -> None:
-    """Torch threads per worker: K workers on C cores should not each spawn C threads."""
-    if threads is not None:
-        import torch
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share), not
+    the machine's count, which torch would otherwise use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity API
+        return os.cpu_count() or 1
 
-        torch.set_num_threads(threads)
+
+def default_threads(workers: int = 1) -> int:
+    """Torch threads per worker when none are asked for: the available cores shared among the
+    ``workers`` processes of this machine, and no more than the cores left idle by what already runs
+    (the 1-minute load average), at least one. Torch's threads spin while they wait for each other:
+    on a busy machine two threads per process made trials many times slower than one."""
+    cores = available_cores()
+    try:
+        idle = int(cores - os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average (Windows)
+        idle = cores
+    return max(1, min(cores // max(1, workers), idle))
+
+
+def set_threads(threads: int | None, workers: int = 1) -> int:
+    """Set torch's intra-op threads of this process: ``threads``, or :func:`default_threads`; returns
+    the number set (``run --threads``, ``worker --threads``, ``[run] threads``)."""
+    import torch
+
+    threads = threads or default_threads(workers)
+    torch.set_num_threads(threads)
+    return threads

@@ -182,7 +182,7 @@ RULES = [
     ),
     # one-of
     ("unknown data.source", {"data__source": "mnist"}, "data.source", "'mnist'"),
-    ("unknown model.kind", {"model": {"kind": "cnn"}}, "model.kind", "'cnn'"),
+    ("unknown model.kind", {"model": {"kind": "rnn"}}, "model.kind", "'rnn'"),
     ("unknown sampler", {"sampler": {"kind": "bayes"}}, "sampler.kind", "'bayes'"),
     ("unknown device", {"device": "tpu"}, "device", "'tpu'"),
     ("unknown task", {"data__task": "ranking"}, "data.task", "'ranking'"),

@@ -1,0 +1,67 @@
+"""Certificates computed side by side in worker processes (issue #17) are bit for bit the ones a
+sequential certify logs: same code, same recorded arrays, one torch thread each."""
+
+from __future__ import annotations
+
+import shutil
+
+import optuna
+import pytest
+from tiny_study import TINY_STUDY, write_tiny_study
+
+from hsgd_tune.certify import PARALLEL_FROM, certify, complete_trials, parallel_workers
+from hsgd_tune.config import load_study
+from hsgd_tune.runner import run_study
+from hsgd_tune.study import open_storage
+from hsgd_tune.tracking import Tracker
+
+STUDY = (
+    TINY_STUDY
+    + """
+[certificate]
+steps = 20
+mc_draws = 2
+
+[diagnostics]
+noise_draws = 16
+trials = "none"
+"""
+)
+
+
+def certify_all(folder, monkeypatch, workers: int) -> dict[int, dict]:
+    monkeypatch.chdir(folder)
+    cfg = load_study(folder / "tiny.toml")
+    study = optuna.load_study(study_name="tiny", storage=open_storage(None))
+    numbers = complete_trials(study)[:3]
+    results = certify(study, cfg, Tracker(), numbers, workers=workers)
+    assert [r.trial for r in results] == numbers and all(r.computed for r in results)
+    runs = {n: Tracker().client.get_run(study.trials[n].user_attrs["mlflow_run_id"]) for n in numbers}
+    return {
+        n: {k: v for k, v in run.data.metrics.items() if k.startswith(("certificate/", "tail/", "analytic/"))}
+        for n, run in runs.items()
+    }
+
+
+def test_parallel_certificates_equal_sequential_ones_bit_for_bit(tmp_path, monkeypatch):
+    one = tmp_path / "sequential"
+    one.mkdir()
+    with monkeypatch.context() as mp:
+        mp.chdir(one)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        run_study(load_study(write_tiny_study(one, STUDY)), progress=False)
+    two = tmp_path / "parallel"
+    shutil.copytree(one, two)  # the same trials; the runs' artifacts stay where they are (absolute URIs)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sequential = certify_all(one, monkeypatch, workers=1)
+    parallel = certify_all(two, monkeypatch, workers=2)
+    assert sequential and all("certificate/bound" in m for m in sequential.values())
+    assert parallel == sequential  # exact float equality, every metric
+
+
+@pytest.mark.parametrize(
+    "cores, trials, expected", [(2, PARALLEL_FROM, 2), (2, PARALLEL_FROM - 1, 1), (1, 12, 1), (16, 5, 5)]
+)
+def test_parallel_workers_only_where_worth_their_start(cores, trials, expected, monkeypatch):
+    monkeypatch.setattr("hsgd_tune.worker.default_threads", lambda: cores)  # idle cores
+    assert parallel_workers(trials) == expected
