@@ -35,7 +35,7 @@ from hsgd_tune.errors import ConfigError, HsgdError
 from hsgd_tune.models import ModelSpec, model_spec
 from hsgd_tune.ranking import Ranking
 from hsgd_tune.studyfile import dumps_toml, study_file_dict
-from hsgd_tune.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker, trial_run_name
+from hsgd_tune.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker, fluent_run, trial_run_name
 
 #: ``hsgd.role`` of the runs this module creates (a trial's run has "trial", a study's "study").
 CHAMPION_ROLE, TRAIN_ROLE = "champion", "train"
@@ -256,8 +256,6 @@ def register(
     """Log ``candidate`` as a pyfunc predictor in a new run of the study's experiment (the lineage
     run, a child of the study's run), register it as ``name``, tag and describe the version, and
     point ``alias`` at it. Returns the version and the lineage run's id."""
-    import mlflow
-
     from hsgd_tune.objective import config_params
     from hsgd_tune.serving import data_fingerprint, log_predictor
 
@@ -282,8 +280,7 @@ def register(
     shown = ("train/", "val/", "bound/risk_bound", "certificate/")
     metrics = candidate.metrics or {k: v for k, v in trial_run.data.metrics.items() if k.startswith(shown)}
     run_id = tracker.create_run(experiment_id, run_name, tags, params)
-    mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=run_id):  # ends FINISHED, or FAILED if anything below raises
+    with fluent_run(tracker.uri, run_id):  # ends FINISHED, or FAILED if anything below raises
         tracker.log(run_id, metrics=metrics)
         version = str(
             log_predictor(candidate.model, candidate.spec, candidate.data, name).registered_model_version
@@ -438,8 +435,6 @@ def train_config(path: Path, out: Path | None = None, log: bool = True) -> list[
 def log_training(cfg: StudyConfig, data: Dataset, outcome) -> str:
     """One run for a ``train``: the config as params, every metric and curve a trial logs, the
     trial's assumption tags, and the model as a pyfunc predictor (not registered). Its id."""
-    import mlflow
-
     from hsgd_tune.objective import config_params
     from hsgd_tune.serving import data_fingerprint, log_predictor
 
@@ -449,8 +444,7 @@ def log_training(cfg: StudyConfig, data: Dataset, outcome) -> str:
     params = {**outcome.params, **{f"config.{k}": v for k, v in config_params(cfg).items()}}
     run_id = tracker.create_run(experiment_id, f"train-{cfg.name}", tags, params)
     curves = {name: (outcome.run.record_steps, values) for name, values in outcome.run.curves.items()}
-    mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=run_id):
+    with fluent_run(tracker.uri, run_id):
         tracker.log(run_id, metrics=outcome.metrics(), step=outcome.settings.steps, curves=curves)
         log_predictor(outcome.run.model.eval(), outcome.spec, data)
     return run_id

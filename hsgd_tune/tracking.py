@@ -308,6 +308,26 @@ class Tracker:
         self.client.log_artifacts(run_id, str(local_dir))
 
 
+@contextlib.contextmanager
+def fluent_run(uri: str, run_id: str) -> Iterator[None]:
+    """MLflow's fluent API (``log_model`` needs it) on run ``run_id`` of store ``uri``, leaving the
+    process's ``MLFLOW_TRACKING_URI`` as it was: ``mlflow.set_tracking_uri`` also sets that variable,
+    which every later :class:`Tracker` of this process would read (and child processes inherit).
+    The run ends FINISHED, or FAILED if the block raises."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 def write_ahead_log(database: Path) -> None:
     """Put the local SQLite store in write-ahead-log mode (persistent, set once per file).
 

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -35,12 +36,26 @@ USER_FILES = {"thesis.txt": "my thesis\n", "notes/plan.md": "plan\n", "data.csv"
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` → its SHA-256 (what 'nothing created, nothing deleted' compares)."""
+    """Every file under ``folder`` → its SHA-256 (what 'nothing created, nothing deleted' compares).
+
+    A SQLite database is compared by its contents: in write-ahead-log mode (the local MLflow store)
+    even a reader moves pages between ``-wal`` and the database file, and touches ``-shm``."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()]
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink()
+        str(p.relative_to(folder)): _sqlite_digest(p) if p.suffix == ".db" else _bytes_digest(p)
+        for p in files
+        if not p.name.endswith((".db-wal", ".db-shm"))
     }
+
+
+def _bytes_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sqlite_digest(path: Path) -> str:
+    """SHA-256 of the database's SQL dump (its tables and rows, whatever sits in the WAL file)."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return hashlib.sha256("\n".join(db.iterdump()).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
