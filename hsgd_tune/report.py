@@ -267,7 +267,8 @@ def plot_trajectories(records: StudyRecords, path: Path) -> None:
     cols = min(n, 2)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.2 * rows), squeeze=False)
-    for ax, (number, why) in zip(axes.flat, records.selected.items(), strict=True):
+    # n panels on a rows × cols grid: the last row may have empty places (switched off below).
+    for ax, (number, why) in zip(axes.flat, records.selected.items(), strict=False):
         arrays = records.trajectories[number]
         s, h = arrays["empirical"], arrays["reference"]  # (N, p) each
         projected, explained = pca_2d(np.concatenate([s, h]))

@@ -1,0 +1,81 @@
+"""`hsgd-tune report` on the studies users actually run first: tiny ones, degenerate search spaces and
+diverging runs. Every study here is a few seconds; they share one folder (one MLflow database)."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_study import TINY_STUDY
+
+from hsgd_tune.cli import main
+
+#: Study name → what replaces the tiny study's search space and budget.
+EDGE_STUDIES = {
+    "one": {"n_trials": 1},
+    "two": {"n_trials": 2},
+    "three": {"n_trials": 3},
+    "four": {"n_trials": 4},
+    "many": {"n_trials": 8},
+    "one_batch": {"n_trials": 3, "batch": "choices = [16]"},
+    "one_lr": {"n_trials": 3, "lr": "choices = [0.05]"},
+    # lr 200 diverges at the first recorded step; the grid walks 0.05 first, then 200, 200...
+    "some_diverged": {"n_trials": 3, "lr": "choices = [0.05, 200.0]", "batch": "choices = [16]"},
+    "all_diverged": {"n_trials": 2, "lr": "choices = [200.0]"},
+}
+
+
+DEFAULT_LR, DEFAULT_BATCH = "low = 0.01\nhigh = 0.3", "choices = [8, 32]"
+
+
+def edge_study(name: str, n_trials: int, lr: str = DEFAULT_LR, batch: str = DEFAULT_BATCH) -> str:
+    text = TINY_STUDY.replace('name = "tiny"', f'name = "{name}"')
+    text = text.replace(DEFAULT_LR, lr).replace(DEFAULT_BATCH, batch)
+    text = text.replace("n_trials = 5", f"n_trials = {n_trials}")
+    if name == "some_diverged":
+        text = text.replace('kind = "random"', 'kind = "grid"')
+    return text
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Every edge study run once, in one folder; yields the folder."""
+    import torch
+
+    from hsgd_tune.config import load_study
+    from hsgd_tune.runner import run_study
+
+    folder = tmp_path_factory.mktemp("edge")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for name, spec in EDGE_STUDIES.items():
+            path = folder / f"{name}.toml"
+            path.write_text(edge_study(name, **spec))
+            run_study(load_study(path), progress=False)
+        yield folder
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def in_studies(studies, monkeypatch):
+    monkeypatch.chdir(studies)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return studies
+
+
+@pytest.mark.parametrize("name", [n for n in EDGE_STUDIES if n != "all_diverged"])
+def test_report_of_any_study_with_a_finished_trial_is_written(in_studies, name, capsys):
+    assert main(["report", f"{name}.toml", "--out", f"rep-{name}"]) == 0, capsys.readouterr().err
+    folder = in_studies / f"rep-{name}"
+    page = (folder / "index.html").read_text()
+    assert "Recommended: trial" in page
+    for png in ("pareto.png", "decomposition.png", "trajectories.png", "learning_curves.png"):
+        assert (folder / png).read_bytes().startswith(b"\x89PNG"), png
+
+
+def test_report_of_a_study_whose_trials_all_diverged_says_so_in_one_line(in_studies, capsys):
+    assert main(["report", "all_diverged.toml", "--out", "rep-all_diverged"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no finished trials" in err
+    assert not (in_studies / "rep-all_diverged").exists()
