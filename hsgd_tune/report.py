@@ -15,8 +15,9 @@ import html
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -25,9 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from hsgd_tune import report_page as rp  # noqa: E402
 from hsgd_tune.config import StudyConfig  # noqa: E402
 from hsgd_tune.correlation import granulated_kendall, kendall_tau  # noqa: E402
-from hsgd_tune.ranking import METRIC_ATTRS, Ranking, markdown_table, rule_text  # noqa: E402
+from hsgd_tune.ranking import CERTIFICATE, METRIC_ATTRS, Ranking, markdown_table, rule_text  # noqa: E402
 from hsgd_tune.tracking import Tracker  # noqa: E402
 
 #: Heatmaps drawn when the trials report the metric: trial user attribute → (file stem, title).
@@ -140,12 +142,16 @@ class StudyRecords:
     curves: dict[int, dict[str, pd.Series]]  # trial → curve name → values indexed by step
     trajectories: dict[int, dict[str, np.ndarray]]  # selected trial → npz arrays
     selected: dict[int, str]
+    runs: dict[int, Any] = field(default_factory=dict)  # trial → its MLflow run (metrics, tags)
+    links: dict[int, str] = field(default_factory=dict)  # trial → its run in the MLflow UI
+    views: dict[str, str] = field(default_factory=dict)  # mlflow_views.VIEWS name → URL
 
 
 def read_records(ranking: Ranking, tracker: Tracker) -> StudyRecords:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a report, not a download log
     metrics = trial_metrics(ranking)
     run_ids = {t.number: t.user_attrs.get("mlflow_run_id") for t in ranking.study.get_trials(deepcopy=False)}
+    runs, links, views = _runs_and_links(ranking, tracker, run_ids)
     curves = {}
     for number in metrics["trial"]:
         curves[int(number)] = {
@@ -158,7 +164,21 @@ def read_records(ranking: Ranking, tracker: Tracker) -> StudyRecords:
             path = tracker.client.download_artifacts(run_ids[number], "trajectories.npz", tmp)
             with np.load(path) as npz:
                 trajectories[number] = {k: npz[k] for k in npz.files}
-    return StudyRecords(metrics, curves, trajectories, selected)
+    return StudyRecords(metrics, curves, trajectories, selected, runs, links, views)
+
+
+def _runs_and_links(ranking: Ranking, tracker: Tracker, run_ids: dict[int, str | None]):
+    """Every trial's MLflow run (one search), its UI link, and the study's MLflow views."""
+    from hsgd_tune.mlflow_views import run_url, study_views, ui_base
+
+    any_run = next((r for r in run_ids.values() if r), None)
+    if any_run is None:
+        return {}, {}, {}
+    experiment_id = tracker.client.get_run(any_run).info.experiment_id
+    runs = tracker.trial_runs(experiment_id, ranking.name)
+    base = ui_base(tracker)
+    links = {n: run_url(base, experiment_id, r.info.run_id) for n, r in runs.items()}
+    return runs, links, study_views(tracker, experiment_id, ranking.name, base)
 
 
 def _history(tracker: Tracker, run_id: str, key: str) -> pd.Series:
@@ -368,50 +388,200 @@ def _draw(ranking: Ranking, records: StudyRecords, folder: Path) -> dict[str, st
 def _page(
     ranking: Ranking, cfg: StudyConfig, records: StudyRecords, corr: pd.DataFrame, heatmaps: dict[str, str]
 ) -> str:
+    """The interactive page (report_page.py): the answer first, then the views that back it."""
+    from plotly.offline import get_plotlyjs
+
     metrics = records.metrics
-    n_close = _candidates(ranking)
-    main = corr[corr["measure"] == "bound/risk_bound"].iloc[0]
-    figures = {
-        "pareto.png": PLOTS["pareto.png"],
-        **heatmaps,
-        **{k: v for k, v in PLOTS.items() if k != "pareto.png"},
-    }
-    fig_html = "\n".join(
-        f'<figure><img src="{name}" alt="{name}"><figcaption>{html.escape(text)}</figcaption></figure>'
-        for name, text in figures.items()
+    facts = html.escape(
+        f"{len(metrics)} finished trials of {len(ranking.table)}; objectives: {', '.join(cfg.objectives)}; "
+        f"data: {cfg.data.source} (n_train = {cfg.data.n_train}); δ = {cfg.bound.delta:g}, "
+        f"B = {cfg.bound.loss_clip:g}."
     )
-    table = ranking.table.assign(recommended=np.where(ranking.table["recommended"], "★", ""))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>hsgd-tune report: {html.escape(ranking.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} img{{max-width:100%}}
-table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head>
-<body>
-<h1>Study {html.escape(ranking.name)}</h1>
-<p>{len(metrics)} finished trials of {len(ranking.table)};
-objectives: {html.escape(", ".join(cfg.objectives))}; data: {html.escape(cfg.data.source)}
-(n_train = {cfg.data.n_train}); δ = {cfg.bound.delta}, B = {cfg.bound.loss_clip}.</p>
-<h2>Answer</h2>
-<p><b>{html.escape(ranking.summary())}</b></p>
-<p>How sure: {n_close} trial(s) met the tolerance on {html.escape(ranking.rule.within)},
-so the bound chose among {n_close}. Across the study, the risk bound orders trials like the observed
-gap (val loss − train loss) with
-Kendall's τ = {main["tau"]:.3f} and granulated Kendall Ψ = {main["Psi"]:.3f}
-({", ".join(f"ψ_{c[4:]} = {main[c]:.3f}" for c in corr.columns if c.startswith("psi_"))}).
-τ near 1 means the bound ranks like the gap; a small ψ for one hyperparameter means the bound does not track
-the gap when only that hyperparameter changes. The risk bound rests on an estimated Lipschitz constant: it is
-a ranking signal, not a certificate.</p>
-<h2>Does the bound rank trials like the gap?</h2>
-{corr.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")}
-<p>Granulated Kendall groups trials that share the other hyperparameter; learning rates are put in
-{MAX_LR_BINS} log-scale bins first when they were sampled on a continuous scale. <code>lr/b</code> and
-<code>val/loss</code> are baselines (val/loss is part of the gap itself).</p>
-<h2>Plots</h2>
-{fig_html}
-<h2>All trials, ranked</h2>
-{table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")}
-<p>Rule: {html.escape(rule_text(ranking.rule))}.</p>
-</body></html>
-"""
+    sections = [
+        rp.section("decision", "The decision", _decision(ranking, records)),
+        rp.section("certificates", "Certificates", _certificates(ranking, records)),
+        rp.section("search", "Search space (Optuna's views)", _search_space(ranking)),
+        rp.section("bound", "What the bound is made of", _bound(ranking, records, corr)),
+        rp.section("trajectories", "Trajectories", _trajectories(records)),
+        rp.section(
+            "curves",
+            "Learning curves",
+            rp.fig_html(rp.learning_curve_figure(records.curves, ranking.recommended), 480),
+        ),
+        rp.section("trials", "All trials, ranked", _all_trials(ranking, records, heatmaps)),
+    ]
+    return rp.page(
+        title=f"hsgd-tune report: {ranking.name}",
+        facts=facts,
+        answer=_answer(ranking, records),
+        sections=sections,
+        plotly_js=get_plotlyjs(),
+    )
+
+
+def _answer(ranking: Ranking, records: StudyRecords) -> str:
+    n_close = _candidates(ranking)
+    lines = [f"<p><b>{html.escape(ranking.summary())}</b></p>"]
+    run = records.runs.get(ranking.recommended)
+    certificate = run.data.metrics.get(CERTIFICATE) if run is not None else None
+    if certificate is not None:
+        trivial = run.data.metrics.get("certificate/trivial", float("nan"))
+        lines.append(
+            f"<p>Its certificate: the stochastic predictor Q around it errs with probability at most "
+            f"<b>{certificate:.3f}</b> (trivial {trivial:.3g}), with probability ≥ 1 − δ over the data.</p>"
+        )
+    elif ranking.recommended is not None:
+        lines.append(
+            "<p>It has no certificate yet: <code>hsgd-tune certify STUDY --trials "
+            f"{ranking.recommended}</code> (or <code>hsgd-tune pick</code>) computes it.</p>"
+        )
+    lines.append(
+        f"<p class=muted>How sure: {n_close} trial(s) met the tolerance on "
+        f"{html.escape(ranking.rule.within)}, so the bound chose among {n_close}. "
+        + " ".join(
+            rp.run_link(url, f"MLflow: {what}") + "."
+            for url, what in (
+                (records.links.get(ranking.recommended), "the recommended run"),
+                (records.views.get("trials"), "all trials, ranked"),
+            )
+            if url
+        )
+        + " (MLflow links open the UI that <code>hsgd-tune ui</code> starts.)</p>"
+    )
+    return "\n".join(lines)
+
+
+def _decision(ranking: Ranking, records: StudyRecords) -> str:
+    objectives = list(ranking.study.user_attrs.get("objectives", []))
+    recommended = ranking.trial(ranking.recommended) if ranking.recommended is not None else None
+    band = None
+    if ranking.rule.within in objectives:
+        best = float(ranking.table[ranking.rule.within].min())
+        band = (objectives.index(ranking.rule.within), best, best + ranking.rule.tolerance * abs(best))
+    fig, why = rp.pareto_figure(ranking.study, objectives, recommended, band)
+    note = (
+        "<p class=muted>Each point is a finished trial (hover for its parameters); the green band holds "
+        f"the trials whose {html.escape(ranking.rule.within)} is within "
+        f"{ranking.rule.tolerance:.0%} of the best; among them the rule takes the smallest "
+        f"{html.escape(ranking.rule.prefer)} (red star). Axes are logarithmic where values span more than "
+        f"a factor {rp.LOG_SPAN:g}.</p>"
+    )
+    title = f"Near the best {ranking.rule.within}: the rule's choice up close"
+    close = rp.candidates_figure(
+        ranking.table, ranking.rule.within, ranking.rule.prefer, ranking.rule.tolerance, ranking.recommended
+    )
+    pareto = rp.figure_block(
+        "Pareto front over the study's objectives (hover: trial and parameters)", fig, why, 520
+    )
+    zoom = rp.figure_block(title, close, "no trial has both values", 520)
+    return f'<div class="grid">{pareto}{zoom}</div>' + note
+
+
+def _certificates(ranking: Ranking, records: StudyRecords) -> str:
+    rows = []
+    for number, run in sorted(records.runs.items()):
+        m = run.data.metrics
+        if CERTIFICATE not in m:
+            continue
+        params = ranking.trial(number).params if number in set(records.metrics["trial"]) else {}
+        rows.append(
+            {
+                "trial": number,
+                **{k: params.get(k) for k in ("learning_rate", "batch_size")},
+                "train/error": m.get("train/error", np.nan),
+                "val/error": m.get("val/error", np.nan),
+                CERTIFICATE: m[CERTIFICATE],
+                "certificate/trivial": m.get("certificate/trivial", np.nan),
+                "certificate/kl": m.get("certificate/kl", np.nan),
+                "vacuous": run.data.tags.get("hsgd.vacuous.certificate", "-"),
+                "recommended": number == ranking.recommended,
+            }
+        )
+    if not rows:
+        return (
+            "<p>No trial has a certificate yet: <code>hsgd-tune certify STUDY</code> certifies the Pareto "
+            "front.</p>"
+        )
+    table = pd.DataFrame(rows)
+    columns = [c for c in table.columns if c != "recommended"]
+    explain = (
+        "<p class=muted><b>certificate/bound</b> is certified (PAC-Bayes-kl, no estimate in it): with "
+        "probability ≥ 1 − δ for all trials at once, the error of the stochastic predictor Q (weights "
+        "drawn around the trial's final weights) is at most this. Training and validation errors are of "
+        "the final weights themselves: estimates, not guarantees. Vacuous: the certificate is no better "
+        "than the trivial bound.</p>"
+    )
+    figure = rp.fig_html(rp.certificate_figure(table, ranking.recommended), 420)
+    return explain + rp.trials_table_html(table, records.links, columns) + figure
+
+
+def _search_space(ranking: Ranking) -> str:
+    objectives = list(ranking.study.user_attrs.get("objectives", []))
+    blocks = [
+        rp.figure_block(t, f, why, 420) for t, f, why in rp.search_space_views(ranking.study, objectives)
+    ]
+    note = (
+        "<p class=muted>Optuna's own views. Contours are interpolated between trials: trust them where "
+        "the dots are. Objectives that span decades are shown as log10.</p>"
+    )
+    return note + f'<div class="grid">{"".join(blocks)}</div>'
+
+
+def _bound(ranking: Ranking, records: StudyRecords, corr: pd.DataFrame) -> str:
+    height = 170 + 22 * len(records.metrics)
+    figure = rp.fig_html(rp.decomposition_figure(records.metrics, ranking.recommended), height)
+    main = corr[corr["measure"] == "bound/risk_bound"].iloc[0]
+    parts = ", ".join(f"ψ_{c[4:]} = {main[c]:.3f}" for c in corr.columns if c.startswith("psi_"))
+    text = (
+        "<p class=muted>Risk bound = train risk (clipped at B) + complexity C + 2·L̂·D. L̂ is an "
+        "estimated Lipschitz constant, so the risk bound is a ranking signal, not a certificate.</p>"
+        f"<p>Across the study the risk bound orders trials like the observed gap (val loss − train "
+        f"loss) with Kendall's τ = {main['tau']:.3f} and granulated Kendall Ψ = {main['Psi']:.3f} "
+        f"({parts}). τ near 1: the bound ranks like the gap; a small ψ for one hyperparameter: the "
+        "bound does not track the gap when only that hyperparameter changes.</p>"
+    )
+    table = corr.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+    more = (
+        f"<p class=muted>Granulated Kendall groups trials that share the other hyperparameter; learning "
+        f"rates are put in {MAX_LR_BINS} log-scale bins first when they were sampled on a continuous "
+        "scale. <code>lr/b</code> and <code>val/loss</code> are baselines (val/loss is part of the gap "
+        "itself).</p>"
+    )
+    return figure + text + table + more
+
+
+def _trajectories(records: StudyRecords) -> str:
+    decoupling = dict(
+        zip(records.metrics["trial"], records.metrics["bound/decoupling_distance"], strict=True)
+    )
+    distance, panels = rp.trajectory_figures(records.trajectories, records.selected, decoupling, pca_2d)
+    note = (
+        "<p class=muted>The empirical run trains on S, the reference run on H, from the same start with "
+        "the same minibatch positions; D, the Hausdorff distance between the two recorded trajectories, "
+        "drives the bound. Projections are per trial (their own principal axes) on a common scale.</p>"
+    )
+    return note + rp.fig_html(distance, 420) + rp.fig_html(panels)
+
+
+def _all_trials(ranking: Ranking, records: StudyRecords, heatmaps: dict[str, str]) -> str:
+    table = ranking.table
+    certificates = {
+        n: r.data.metrics[CERTIFICATE] for n, r in records.runs.items() if CERTIFICATE in r.data.metrics
+    }
+    if certificates and "certificate" not in table:
+        table = table.assign(certificate=table["trial"].map(certificates).astype(float))
+    constant = [c for c in table.columns if c not in ("trial",) and table[c].astype(str).nunique() <= 1]
+    columns = [c for c in table.columns if c not in constant or c == "recommended"]
+    pngs = ["pareto.png", *heatmaps, *[k for k in PLOTS if k != "pareto.png"]]
+    static = "".join(f'<a href="{n}"><img src="{n}" alt="{n}"></a>' for n in pngs)
+    return (
+        rp.trials_table_html(table, records.links, columns)
+        + f"<p class=muted>Rule: {html.escape(rule_text(ranking.rule))}. Columns with one value for every "
+        f"trial are left out ({html.escape(', '.join(constant)) or 'none'}). Ranking as Markdown: "
+        '<a href="ranking.md">ranking.md</a>.</p>'
+        + "<h3>Static images (also in the MLflow parent run, under report/)</h3>"
+        + f'<div class="pngs">{static}</div>'
+    )
 
 
 def _candidates(ranking: Ranking) -> int:

@@ -4,9 +4,11 @@ diverging runs. Every study here is a few seconds; they share one folder (one ML
 from __future__ import annotations
 
 import pytest
+from optuna.trial import TrialState
 from tiny_study import TINY_STUDY
 
 from hsgd_tune.cli import main
+from hsgd_tune.ranking import load_ranking
 
 #: Study name → what replaces the tiny study's search space and budget.
 EDGE_STUDIES = {
@@ -72,6 +74,24 @@ def test_report_of_any_study_with_a_finished_trial_is_written(in_studies, name, 
     assert "Recommended: trial" in page
     for png in ("pareto.png", "decomposition.png", "trajectories.png", "learning_curves.png"):
         assert (folder / png).read_bytes().startswith(b"\x89PNG"), png
+    # Interactive and self-contained: plotly.js inlined, nothing fetched from the network.
+    assert "Plotly.newPlot" in page and "<script src=" not in page
+    # Every finished trial links to its MLflow run.
+    ranking, _ = load_ranking(f"{name}.toml")
+    for t in ranking.study.get_trials(states=(TrialState.COMPLETE,)):
+        assert f"/runs/{t.user_attrs['mlflow_run_id']}" in page
+
+
+def test_views_that_need_two_varied_parameters_say_why_they_are_missing(in_studies):
+    assert main(["report", "one_lr.toml", "--out", "rep-why", "--no-mlflow"]) == 0
+    page = (in_studies / "rep-why" / "index.html").read_text()
+    assert "not drawn (needs two parameters that vary; varied: batch_size)" in page
+
+
+def test_the_diverging_study_really_has_a_failed_trial(in_studies):
+    ranking, _ = load_ranking("some_diverged.toml")
+    states = [t.state for t in ranking.study.trials]
+    assert TrialState.FAIL in states and TrialState.COMPLETE in states
 
 
 def test_report_of_a_study_whose_trials_all_diverged_says_so_in_one_line(in_studies, capsys):
