@@ -77,38 +77,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.timeout is not None and not args.timeout > 0:
         raise ConfigError("--timeout", "must be a positive number of seconds", args.timeout)
     cfg = with_run(load_study(args.study), n_trials=args.n_trials, timeout=args.timeout, storage=args.storage)
-    from hsgd_tune.runner import run_study  # torch, Optuna, MLflow: seconds; a bad study file fails first
+    from hsgd_tune.runner import (
+        end_of_run,
+        run_study,
+    )  # torch, Optuna, MLflow: seconds; a bad file fails first
 
     if args.workers != 1:  # K local worker processes; each prints a line per trial
         summary = cli_worker.run_local_workers(args, cfg)
     else:
         summary = run_study(cfg, progress=not args.quiet)
-    print(
-        f"{summary.study}: {summary.trials_done}/{summary.budget} trials finished "
-        f"({summary.trials_run} this run). Ranking: hsgd-tune rank {args.study}"
-    )
-    _print_ranking(cfg)
+    print(end_of_run(cfg, summary, str(args.study)))
     return 0
-
-
-def _print_ranking(cfg) -> None:
-    from hsgd_tune.ranking import format_table, study_certificates, trials_table, with_certificates
-    from hsgd_tune.study import lookup_study, storage_description
-    from hsgd_tune.tracking import Tracker
-
-    name, storage_url = cfg.name, cfg.run.storage
-    study = lookup_study(storage_url, name)
-    if study is None:
-        raise HsgdError(f"no study named {name!r} in {storage_description(storage_url)}")
-    table = with_certificates(trials_table(study), study_certificates(study, Tracker(), cfg.experiment_name))
-    if table.empty:
-        print(f"{name}: no trials yet")
-        return
-    front = table[table["pareto_rank"] == 1]
-    print(f"\nPareto front of {name} ({len(front)} of {len(table)} trials):")
-    print(format_table(front) if not front.empty else "  (no finished trials)")
-    print(f"\nAll trials of {name}:")
-    print(format_table(table))
 
 
 def _quiet_libraries() -> None:

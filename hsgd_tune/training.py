@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 from hsgd_tune.data import Dataset, Split
 from hsgd_tune.errors import DivergedError
 from hsgd_tune.models import ModelSpec, build_model, count_parameters, linear_layers, load_flat_parameters
+from hsgd_tune.progress import steps_done
 from hsgd_tune.sketch import SignSketch
 
 S_RUN, H_RUN = 0, 1
@@ -297,6 +298,7 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
             recorder.record(step, interval_loss=interval_loss / done_since)
             _check_divergence(recorder, limit, step)
             interval_loss.zero_()
+            steps_done(step, settings.steps)  # the step bar under the trial bar (progress.py)
     trained = time.perf_counter()
 
     in_loop = sum(store.seconds.values())  # chunks already flushed during training
