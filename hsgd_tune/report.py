@@ -215,16 +215,19 @@ def plot_pareto(ranking: Ranking, metrics: pd.DataFrame, path: Path) -> None:
         ax.scatter(
             row["val/loss"], row["bound/risk_bound"], marker="*", s=300, c="tab:red", label="recommended"
         )
-    for _, row in metrics.iterrows():
+    # Labels only where they matter (the front, the star); the rest is in the interactive page.
+    for k, (_, row) in enumerate(metrics[on_front].sort_values("val/loss").iterrows()):
         ax.annotate(
             str(int(row["trial"])),
             (row["val/loss"], row["bound/risk_bound"]),
             fontsize=7,
-            xytext=(3, 3),
+            xytext=(4, 4 if k % 2 else -9),  # alternate sides: neighbours' labels do not overlap
             textcoords="offset points",
         )
-    if y.max() / max(y.min(), 1e-12) > 20:
+    if rp.spans_decades(y):
         ax.set_yscale("log")
+    if rp.spans_decades(x):
+        ax.set_xscale("log")
     ax.set(
         xlabel="validation loss",
         ylabel="risk bound (clipped loss)",
@@ -235,34 +238,43 @@ def plot_pareto(ranking: Ranking, metrics: pd.DataFrame, path: Path) -> None:
 
 
 def plot_heatmap(metrics: pd.DataFrame, column: str, title: str, path: Path) -> None:
-    """Mean of ``column`` per (learning-rate bin, batch size) cell, the value written in the cell."""
+    """Mean of ``column`` per (learning-rate bin, batch size) cell, the value written in the cell.
+
+    Colours on a log scale when the values span more than a factor 4 (one outlier would otherwise
+    paint every other cell alike); text dark on light cells and light on dark ones; cells without a
+    trial say so."""
+    from matplotlib.colors import LogNorm, Normalize
+
     grid = metrics.pivot_table(index="lr_bin", columns="batch_size", values=column, aggfunc="mean")
     counts = metrics.pivot_table(index="lr_bin", columns="batch_size", values=column, aggfunc="count")
     fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.6 * grid.shape[0] + 2))
     values = grid.to_numpy(dtype=float)
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto", origin="lower")
+    finite = values[np.isfinite(values)]
+    log = finite.size > 1 and finite.min() > 0 and finite.max() / finite.min() > rp.LOG_SPAN
+    norm = LogNorm(finite.min(), finite.max()) if log else Normalize(finite.min(), finite.max())
+    cmap = plt.get_cmap("viridis")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", origin="lower")
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
-            if np.isfinite(values[i, j]):
-                n = int(counts.iloc[i, j])
-                ax.text(
-                    j,
-                    i,
-                    f"{values[i, j]:.3g}" + (f"\n(n={n})" if n > 1 else ""),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="w",
-                )
+            if not np.isfinite(values[i, j]):
+                ax.text(j, i, "no trial", ha="center", va="center", fontsize=6, color="0.55")
+                continue
+            n = int(counts.iloc[i, j])
+            r, g, b, _ = cmap(norm(values[i, j]))
+            light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5  # perceived luminance of the cell
+            text = f"{values[i, j]:.3g}" + (f"\n(mean of {n})" if n > 1 else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if light else "white")
     ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
     ax.set_yticks(range(grid.shape[0]), [f"{v:.3g}" for v in grid.index])
-    ax.set(xlabel="batch size", ylabel="learning rate (bin centre)", title=f"{title} (mean per cell)")
+    scale = ", log colour scale" if log else ""
+    ax.set(xlabel="batch size", ylabel="learning rate (bin centre)", title=f"{title} (mean per cell{scale})")
     fig.colorbar(image, ax=ax)
     _save(fig, path)
 
 
 def plot_decomposition(metrics: pd.DataFrame, recommended: int | None, path: Path) -> None:
-    """Risk bound = train risk (clipped) + complexity C + 2·L̂·D, one stacked bar per trial."""
+    """Risk bound = train risk (clipped) + complexity C + 2·L̂·D: one row per trial, one dot per term
+    on a log axis (stacked bars on a linear one hid the train risk and C), the sum as a grey bar."""
     table = metrics.sort_values("bound/risk_bound")
     parts = {
         "train risk R̂_S,B": table["bound/train_risk_clipped"],
@@ -270,14 +282,14 @@ def plot_decomposition(metrics: pd.DataFrame, recommended: int | None, path: Pat
         "2·L̂·D (decoupling)": 2 * table["bound/lipschitz"] * table["bound/decoupling_distance"],
     }
     labels = [f"{int(t)}{' ★' if t == recommended else ''}" for t in table["trial"]]
-    fig, ax = plt.subplots(figsize=(6.4, 0.25 * len(table) + 1.5))
-    left = np.zeros(len(table))
+    fig, ax = plt.subplots(figsize=(6.4, 0.25 * len(table) + 1.8))
+    ax.barh(labels, table["bound/risk_bound"], color="0.9", label="risk bound (the sum)")
     for name, values in parts.items():
-        ax.barh(labels, values, left=left, label=name)
-        left += values.to_numpy()
+        ax.scatter(values, labels, s=18, zorder=3, label=name)
     ax.axvline(float(table["bound/loss_clip"].iloc[0]), color="k", ls="--", lw=1, label="B (vacuous beyond)")
-    ax.set(xlabel="risk bound", ylabel="trial (★ recommended)", title="What the bound is made of")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xscale("log")
+    ax.set(xlabel="value (log scale)", ylabel="trial (★ recommended)", title="What the bound is made of")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     _save(fig, path)
 
 

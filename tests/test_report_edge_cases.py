@@ -99,3 +99,54 @@ def test_report_of_a_study_whose_trials_all_diverged_says_so_in_one_line(in_stud
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no finished trials" in err
     assert not (in_studies / "rep-all_diverged").exists()
+
+
+# -- what `run` prints at the end (the same studies, resumed: no trial left to run) ------------
+
+
+def test_end_of_run_summary_is_compact_and_ends_with_the_next_commands(in_studies, capsys):
+    assert main(["run", "many.toml", "--quiet"]) == 0
+    out = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert out[0] == "many: 8/8 trials finished (0 this run)."
+    front_at = out.index(next(line for line in out if line.startswith("Pareto front (")))
+    header = out[front_at + 1].split()
+    assert header[:2] == ["trial", "learning_rate"] and "certificate" in header
+    assert "bound/complexity" not in header  # the same for every trial: left out
+    rows = out[front_at + 2 : out.index("", front_at)]
+    starred = [row for row in rows if row.startswith("★")]
+    ranking, _ = load_ranking("many.toml")
+    assert len(starred) == 1 and starred[0].split()[1] == str(ranking.recommended)
+    val_losses = [float(row.lstrip("★").split()[header.index("val_loss")]) for row in rows]
+    assert val_losses == sorted(val_losses)  # the front, in the ranking's order
+    assert max(len(row) for row in rows) < 100  # was 169 characters a row
+    next_at = out.index("Next:")
+    assert any(line.startswith("Recommended: trial") for line in out[:next_at])
+    commands = [line.split("#")[0].strip() for line in out[next_at + 1 :]]
+    assert commands[-3:] == [
+        "hsgd-tune rank many.toml",
+        "hsgd-tune report many.toml",
+        "hsgd-tune ui many.toml",
+    ]
+    assert commands[0].startswith(". ") and commands[0].endswith("/bin/activate")  # tests run in a venv
+    assert "viewStateShareKey=" in out[-1]
+
+
+def test_end_of_run_summary_counts_failed_trials(in_studies, capsys):
+    assert main(["run", "some_diverged.toml", "--quiet"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("some_diverged: 3/3 trials finished (0 this run), ") and first.endswith(
+        " failed."
+    )
+
+
+def test_training_reports_its_recorded_steps_to_a_listener(in_studies):
+    from hsgd_tune.config import load_study
+    from hsgd_tune.objective import evaluate
+    from hsgd_tune.progress import listening
+    from hsgd_tune.runner import prepare
+
+    cfg = load_study("one.toml")  # 60 steps, recorded every 20
+    seen = []
+    with listening(lambda step, total: seen.append((step, total))):
+        evaluate(cfg, prepare(cfg), {"learning_rate": 0.05, "batch_size": 8}, max_trials=1)
+    assert seen == [(20, 60), (40, 60), (60, 60)]
