@@ -25,6 +25,7 @@ matplotlib.use("Agg")  # files only, never a window (headless servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 from hsgd_tune import report_page as rp  # noqa: E402
 from hsgd_tune.config import StudyConfig  # noqa: E402
@@ -178,7 +179,11 @@ def _runs_and_links(ranking: Ranking, tracker: Tracker, run_ids: dict[int, str |
     runs = tracker.trial_runs(experiment_id, ranking.name)
     base = ui_base(tracker)
     links = {n: run_url(base, experiment_id, r.info.run_id) for n, r in runs.items()}
-    return runs, links, study_views(tracker, experiment_id, ranking.name, base)
+    try:  # the views are experiment tags: a read-only store gets a report without them
+        views = study_views(tracker, experiment_id, ranking.name, base)
+    except MlflowException:
+        views = {}
+    return runs, links, views
 
 
 def _history(tracker: Tracker, run_id: str, key: str) -> pd.Series:
