@@ -7,6 +7,10 @@ the URL, but its columns only from a *shared view state*: an experiment tag
 and a URL that opens it: the trial runs (not the study's parent run), ranked, with the rank, the
 recommendation, the sampled values, validation loss, the bound and the certificate as columns.
 
+MLflow 3.17's UI also keeps a global "GenAI / Model training" switch (``mlflow.workflowType`` in the
+browser's storage, GenAI by default) that overrides the experiment's kind tag; a link carries
+``workflowType=machine_learning`` so that it opens in model-training mode on any browser.
+
 Links point at the MLflow UI that ``hsgd-tune ui`` starts (:data:`LOCAL_UI`), or at the tracking server
 when ``MLFLOW_TRACKING_URI`` names one.
 """
@@ -27,16 +31,16 @@ def column(kind: str, name: str) -> str:
     return f"{kind}.`{name}`"
 
 
-#: The columns of every view, left to right.
+#: The columns of every view, left to right: the decision first (the page may be narrow).
 COLUMNS = (
     column("metrics", "rank/pareto_rank"),
     column("tags", "hsgd.recommended"),
-    column("params", "learning_rate"),
-    column("params", "batch_size"),
     column("metrics", "val/loss"),
-    column("metrics", "val/error"),
     column("metrics", "bound/risk_bound"),
     column("metrics", "certificate/bound"),
+    column("params", "learning_rate"),
+    column("params", "batch_size"),
+    column("metrics", "val/error"),
     column("tags", "optuna.state"),
 )
 
@@ -54,8 +58,16 @@ def ui_base(tracker: Tracker, port: int | None = None) -> str:
     return LOCAL_UI if port is None else f"http://127.0.0.1:{port}"
 
 
+#: Query parameter of every link: open the UI in model-training mode (module doc).
+TRAINING_MODE = "workflowType=machine_learning"
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs?{TRAINING_MODE}"
+
+
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_MODE}"
 
 
 def view_state(study: str, view: str) -> dict:
@@ -66,6 +78,7 @@ def view_state(study: str, view: str) -> dict:
         "orderByKey": column("metrics", "rank/pareto_rank"),
         "orderByAsc": True,
         "selectedColumns": list(COLUMNS),
+        "columnOrder": list(COLUMNS),
         "runListHidden": False,
         "viewMaximized": False,
     }
@@ -76,7 +89,7 @@ def view_url(tracker: Tracker, experiment_id: str, study: str, view: str, base: 
     state = json.dumps(view_state(study, view), sort_keys=True)
     key = f"hsgd-{view}-{hashlib.sha256(state.encode()).hexdigest()[:12]}"
     tracker.client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, state)
-    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}&{TRAINING_MODE}"
 
 
 def study_views(tracker: Tracker, experiment_id: str, study: str, base: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hsgd_tune.config import load_study
 from hsgd_tune.errors import ConfigError, HsgdError
-from hsgd_tune.mlflow_views import VIEWS, mark_custom_model_experiment, study_views, ui_base
+from hsgd_tune.mlflow_views import VIEWS, experiment_url, mark_custom_model_experiment, study_views, ui_base
 from hsgd_tune.ranking import rank_study, stored_config, write_to_mlflow
 from hsgd_tune.study import DEFAULT_JOURNAL, lookup_study, storage_description
 from hsgd_tune.tracking import Tracker
@@ -66,7 +66,7 @@ def mlflow_links(tracker: Tracker, study, cfg, base: str) -> list[str]:
     if experiment is None:
         return [f"MLflow UI: {base} (no experiment {cfg.experiment_name!r} yet: run the study first)"]
     mark_custom_model_experiment(tracker, experiment)
-    lines = [f"MLflow UI: {base}/#/experiments/{experiment}"]
+    lines = [f"MLflow UI: {experiment_url(base, experiment)}"]
     if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
         write_to_mlflow(rank_study(study, cfg.rank), tracker)
         views = study_views(tracker, experiment, study.study_name, base)

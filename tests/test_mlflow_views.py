@@ -95,6 +95,7 @@ def test_printed_links_open_the_trials_ranked_with_the_recommendation_filter(ser
     views = study_views(tracker, experiment, "views", server)
 
     pattern = rf"{re.escape(server)}/#/experiments/{experiment}/runs\?viewStateShareKey=([\w-]+)"
+    pattern += "&workflowType=machine_learning"  # model-training mode, whatever the browser last used
     keys = {name: re.fullmatch(pattern, url).group(1) for name, url in views.items()}
     tags = requests.get(
         f"{server}/api/2.0/mlflow/experiments/get", params={"experiment_id": experiment}, timeout=30
@@ -123,6 +124,7 @@ def test_printed_links_open_the_trials_ranked_with_the_recommendation_filter(ser
     bundle = re.search(r'src="(static-files/static/js/main\.[0-9a-f]+\.js)"', index).group(1)
     code = requests.get(f"{server}/{bundle}", timeout=60).text
     assert "viewStateShareKey" in code and SHARED_VIEW_TAG in code
+    assert '"workflowType"' in code and '"machine_learning"' in code
 
 
 # -- optuna-dashboard -------------------------------------------------------------------------
