@@ -324,6 +324,8 @@ def _activate_hint() -> str | None:
     if sys.prefix == sys.base_prefix:
         return None
     venv = Path(sys.prefix)
+    if Path(".venv").resolve() == venv.resolve():  # the quick-start's .venv (or a link to it)
+        return ". .venv/bin/activate"
     try:
         shown = venv.relative_to(Path.cwd())
     except ValueError:
