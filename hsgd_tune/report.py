@@ -525,8 +525,9 @@ def _certificates(ranking: Ranking, records: StudyRecords) -> str:
         "<p class=muted><b>certificate/bound</b> is certified (PAC-Bayes-kl, no estimate in it): with "
         "probability ≥ 1 − δ for all trials at once, the error of the stochastic predictor Q (weights "
         "drawn around the trial's final weights) is at most this. Training and validation errors are of "
-        "the final weights themselves: estimates, not guarantees. Vacuous: the certificate is no better "
-        "than the trivial bound.</p>"
+        "the final weights themselves: estimates, not guarantees. Vacuous: the certificate is at least "
+        "min(trivial, 0.5), so it cannot rule out an error as large as a constant guess's or a coin "
+        "flip's.</p>"
     )
     figure = rp.fig_html(rp.certificate_figure(table, ranking.recommended), 420)
     return explain + rp.trials_table_html(table, records.links, columns) + figure

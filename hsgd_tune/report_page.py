@@ -508,6 +508,8 @@ def certificate_figure(certified: pd.DataFrame, recommended: int | None) -> go.F
     trivial = certified["certificate/trivial"].dropna()
     if not trivial.empty:
         fig.add_hline(float(trivial.iloc[0]), line_dash="dash", annotation_text="trivial bound (1 − 1/k)")
+        vacuous = min(float(trivial.iloc[0]), 0.5)  # diagnostics.py's hsgd.vacuous.certificate
+        fig.add_hline(vacuous, line_dash="dot", line_color=GREY, annotation_text="vacuous from here")
     fig.update_layout(
         barmode="group",
         title="Certificates beside the test-free estimates",
