@@ -576,7 +576,9 @@ def _trajectories(records: StudyRecords) -> str:
     note = (
         "<p class=muted>The empirical run trains on S, the reference run on H, from the same start with "
         "the same minibatch positions; D, the Hausdorff distance between the two recorded trajectories, "
-        "drives the bound. Projections are per trial (their own principal axes) on a common scale.</p>"
+        "drives the bound; it is at most the largest step-by-step distance, since it pairs each iterate with "
+        "the closest iterate of the other run at any step. Projections are per trial (their own "
+        "principal axes) on a common scale.</p>"
     )
     return note + rp.fig_html(distance, 420) + rp.fig_html(panels)
 
