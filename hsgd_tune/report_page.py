@@ -477,8 +477,9 @@ def learning_curve_figure(curves: dict[int, dict[str, pd.Series]], recommended: 
                 row=1,
                 col=col,
             )
-    values = [c.to_numpy() for trial in curves.values() for c in trial.values() if c is not None]
-    fig.update_yaxes(log_axis(np.concatenate(values)) if values else {"type": "log"})
+    for col, name in enumerate(names, start=1):  # each panel its own ticks: their ranges differ
+        values = [t[name].to_numpy() for t in curves.values() if t.get(name) is not None]
+        fig.update_yaxes(log_axis(np.concatenate(values)) if values else {"type": "log"}, row=1, col=col)
     fig.update_xaxes(title_text="step")
     fig.update_layout(
         title="Learning curves (click a legend entry to hide a trial, double-click to isolate it)"
