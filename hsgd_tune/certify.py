@@ -331,9 +331,9 @@ def _run_id(study: optuna.Study, number: int) -> str:
 
 
 def format_results(results: list[Certified]) -> str:
-    """The table ``hsgd-tune certify`` prints: one row per trial. Seconds only for the trials computed
-    now: a certificate found on its run shows when it was computed instead, not an old duration that
-    would read as this command's."""
+    """The table ``hsgd-tune certify`` prints: one row per trial, then what "vacuous" means. Seconds
+    only for the trials computed now: a certificate found on its run shows when it was computed
+    instead, not an old duration that would read as this command's."""
     header = f"{'trial':>5}  {'certificate/bound':>17}  {'certificate/trivial':>19}  {'vacuous':>7}  "
     header += f"{'seconds':>7}  computed"
     rows = [header]
@@ -343,7 +343,7 @@ def format_results(results: list[Certified]) -> str:
         rows.append(
             f"{r.trial:>5}  {_num(r.bound):>17}  {_num(r.trivial):>19}  {r.vacuous:>7}  {seconds:>7}  {when}"
         )
-    return "\n".join(rows)
+    return "\n".join([*rows, f"{VACUOUS_NOTE}."])
 
 
 #: What "vacuous" means in the table (the threshold is diagnostics.py's hsgd.vacuous.certificate tag).

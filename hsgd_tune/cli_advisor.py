@@ -214,7 +214,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from hsgd_tune.certify import (
-        VACUOUS_NOTE,
         certifiable,
         certify,
         complete_trials,
@@ -244,7 +243,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         study, cfg, Tracker(), numbers, on_trial=lambda r: print(r.line(), flush=True), lock=lock
     )
     max_trials = study.user_attrs["max_trials"]
-    print(f"\n{format_results(results)}\n{VACUOUS_NOTE}.\n")
+    print(f"\n{format_results(results)}\n")
     print(
         f"Each certificate bounds the expected error of the stochastic predictor Q; together they hold "
         f"with probability ≥ 1 − {cfg.bound.delta:g} (δ split over max_trials = {max_trials})."
