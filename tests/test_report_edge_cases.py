@@ -141,12 +141,16 @@ def test_end_of_run_summary_counts_failed_trials(in_studies, capsys):
 
 def test_training_reports_its_recorded_steps_to_a_listener(in_studies):
     from hsgd_tune.config import load_study
-    from hsgd_tune.objective import evaluate
+    from hsgd_tune.models import model_spec
+    from hsgd_tune.objective import train_settings
     from hsgd_tune.progress import listening
     from hsgd_tune.runner import prepare
+    from hsgd_tune.training import train_twin
 
     cfg = load_study("one.toml")  # 60 steps, recorded every 20
+    data = prepare(cfg)
+    spec = model_spec(cfg.model, data.n_features, data.n_outputs, {})
     seen = []
     with listening(lambda step, total: seen.append((step, total))):
-        evaluate(cfg, prepare(cfg), {"learning_rate": 0.05, "batch_size": 8}, max_trials=1)
+        train_twin(data, spec, train_settings(cfg, {"learning_rate": 0.05, "batch_size": 8}))
     assert seen == [(20, 60), (40, 60), (60, 60)]
