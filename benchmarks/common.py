@@ -64,7 +64,8 @@ class Budget:
 
 
 def study_config(dataset: str, seed: int, budget: Budget, n_trials: int) -> StudyConfig:
-    """The study a grid stands for; δ is split over its ``n_trials`` like a study's would be."""
+    """The study a grid stands for: its search space is the grid itself, so δ is divided over the
+    grid's configurations like a study's would be (|Λ| = 24)."""
     data = dict(DATASETS[dataset])
     if dataset == "synthetic":
         data["n_test"] = budget.n_test_synthetic
@@ -73,10 +74,11 @@ def study_config(dataset: str, seed: int, budget: Budget, n_trials: int) -> Stud
         "seed": seed,
         "data": data,
         "model": {"kind": "mlp", "widths": [64, 64]},
-        # The search space is only needed to build a valid config; the grid sets lr and b itself.
-        "search": {"learning_rate": {"low": 1e-4, "high": 10.0}, "batch_size": {"low": 1, "high": 500}},
+        "search": {
+            "learning_rate": {"choices": list(LEARNING_RATES)},
+            "batch_size": {"choices": list(BATCH_SIZES)},
+        },
         "training": {"steps": budget.steps, "record_every": budget.record_every},
-        "bound": {"max_trials": n_trials},
         "certificate": {"enabled": budget.extras},
         # evaluate() measures inside the trial only when asked to: these grids compare every trial's
         # certificate and tail index, not just a Pareto front's.
@@ -99,7 +101,7 @@ def load_data(cfg: StudyConfig) -> Dataset:
 def run_trial(cfg: StudyConfig, data: Dataset, lr: float, batch_size: int) -> TrialOutcome | None:
     """One trial of the grid; None when it diverges (it then counts as a failed trial)."""
     try:
-        return evaluate(cfg, data, {"learning_rate": lr, "batch_size": batch_size}, cfg.max_trials)
+        return evaluate(cfg, data, {"learning_rate": lr, "batch_size": batch_size})
     except DivergedError:
         return None
 

@@ -45,9 +45,12 @@ QUICK = Budget(steps=300, record_every=25, seeds=2, n_test_synthetic=5000)
 BOUND_MEASURES = (
     "bound/risk_bound",
     "bound/gap_bound",
+    "bound/risk_bound_uniform",
+    "bound/gap_bound_uniform",
     "bound/decoupling_distance",
     "bound/synchronous_distance",
     "bound/lipschitz",
+    "bound/lipschitz_pop",
     "bound/complexity",
 )
 BASELINES = ("lr_over_b", "weight_norm", "dist_from_init", "val_loss")
@@ -121,10 +124,19 @@ def trial_overview(trials: pd.DataFrame) -> str:
         f"{len(trials)} trials, {int(trials.diverged.sum())} diverged; "
         f"final gap {ok.gap_final.min():.3f} … {ok.gap_final.max():.3f}, "
         f"trajectory-wide gap {ok.gap_traj.min():.3f} … {ok.gap_traj.max():.3f}, "
-        f"risk bound {ok['bound/risk_bound'].min():.1f} … {ok['bound/risk_bound'].max():.1f}, "
+        f"risk bound {ok['bound/risk_bound'].min():.2f} … {ok['bound/risk_bound'].max():.2f} "
+        f"(below B in {below_b(ok, 'bound/risk_bound')}; the uniform form "
+        f"{ok['bound/risk_bound_uniform'].min():.1f} … {ok['bound/risk_bound_uniform'].max():.1f}, "
+        f"below B in {below_b(ok, 'bound/risk_bound_uniform')}), "
         f"test error {ok.test_error.min():.3f} … {ok.test_error.max():.3f}; "
         f"median {ok.seconds.median():.1f} s per trial"
     )
+
+
+def below_b(trials: pd.DataFrame, column: str) -> str:
+    """How many trials have a risk bound below B, i.e. say something about the clipped risk."""
+    below = int((trials[column] < trials["bound/loss_clip"]).sum())
+    return f"{below}/{len(trials)} trials ({below / len(trials):.0%})"
 
 
 def main(argv: list[str] | None = None) -> int:

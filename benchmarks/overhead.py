@@ -79,7 +79,7 @@ def our_trial(cfg, data, tracker: Tracker, study: optuna.Study, batch_size: int)
     and its MLflow run (``timing_split`` reads the split from it)."""
     exp = tracker.experiment_id(cfg.experiment_name)
     parent = tracker.open_parent(exp, cfg.name, params={}, tags={})
-    objective = Objective(cfg, data, tracker, exp, parent, max_trials=cfg.max_trials)
+    objective = Objective(cfg, data, tracker, exp, parent)
     study.enqueue_trial({"learning_rate": LEARNING_RATE, "batch_size": batch_size})
     started = time.perf_counter()
     study.optimize(objective, n_trials=1)
@@ -183,7 +183,7 @@ def main() -> None:
 
         # The gradient norms before and after: old per-iterate vmap(grad) vs closed form, same input.
         torch.set_num_threads(2)
-        outcome = evaluate(cfg, data, {"learning_rate": LEARNING_RATE, "batch_size": 32}, cfg.max_trials)
+        outcome = evaluate(cfg, data, {"learning_rate": LEARNING_RATE, "batch_size": 32})
         traj, model = outcome.run.trajectories, outcome.run.model
         args_ = (data, cfg.bound.loss_clip, cfg.bound.lipschitz_subsample, cfg.seed)
         new_t, old_t = [], []

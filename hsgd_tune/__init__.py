@@ -7,9 +7,10 @@ torch, Optuna or MLflow:
 - :func:`load_dataset` / :class:`Dataset` — the S / H / V splits
 - :func:`train_twin` — the twin SGD run (empirical and reference dynamics)
 - :func:`trajectory_bound` — the geometric-decoupling bound on recorded trajectories
+- :func:`heldout_estimates` — a twin run's held-out and cross-fit losses, with standard errors
 - :func:`evaluate` — one trial without Optuna or MLflow
 - :func:`run_study` — a whole study: Optuna + MLflow, resumable
-- :func:`trials_table` — the ranked trials of a study
+- :func:`trials_table` / :func:`load_ranking` — the ranked trials of a study, and its recommendation
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ _EXPORTS = {
     "train_twin": "hsgd_tune.training",
     "trajectory_bound": "hsgd_tune.bound",
     "TrajectoryBound": "hsgd_tune.bound",
+    "heldout_estimates": "hsgd_tune.heldout",
     "evaluate": "hsgd_tune.objective",
     "run_study": "hsgd_tune.runner",
     "trials_table": "hsgd_tune.ranking",
+    "load_ranking": "hsgd_tune.ranking",
     "ConfigError": "hsgd_tune.errors",
     "DataError": "hsgd_tune.errors",
     "DivergedError": "hsgd_tune.errors",

@@ -10,10 +10,12 @@ trial would have logged: the trial's ``trajectories.npz`` holds both trajectorie
 
 What is certified: ``certificate/bound`` is a PAC-Bayes-kl bound on the expected error of the
 *stochastic* predictor Q (weights drawn from N(μ, diag s²) at prediction time), with a prior built from
-the reference run only. Each trial spends δ_t/2 of its δ_t = δ / max_trials on it, so all certificates
-of a study hold jointly with probability ≥ 1 − δ (a union bound over the ``max_trials`` trials). That is
-why choosing which trials to certify *after* seeing their results is fine: each trial's statement was
-paid for in advance, whether or not it is ever computed.
+the reference run only; ``certificate/perturbed_bound`` is the perturbed-dynamics certificate (the seed
+paper's setting: Q_k = N(w^S_k, σ²I) against P_k = N(w^H_k, σ²I)). Every configuration λ of the study's
+grid Λ has its share of δ_λ = δ·π(λ) set aside for each (grid.py), so all certificates of a study hold
+jointly with probability ≥ 1 − δ (a union bound over Λ, whatever the sampler did). That is why choosing
+which trials to certify *after* seeing their results is fine: each statement was paid for in advance,
+whether or not it is ever computed.
 
 Optuna does not let finished trials change, so MLflow is the record: a trial counts as certified when
 its run has ``certificate/bound`` (or the diagnostics' timing, or the ``hsgd.diagnostics`` tag this
@@ -39,13 +41,15 @@ import torch
 from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
+from hsgd_tune import grid
 from hsgd_tune.config import StudyConfig
 from hsgd_tune.data import Dataset
 from hsgd_tune.diagnostics import measure
 from hsgd_tune.errors import ConfigError, HsgdError
 from hsgd_tune.models import ModelSpec, build_model, count_parameters
-from hsgd_tune.objective import certificate_delta, train_settings, trial_bound
+from hsgd_tune.objective import DELTA_SPLIT, train_settings, trial_bound
 from hsgd_tune.ranking import CERTIFICATE, finished_trial, trials_table
+from hsgd_tune.study import check_union_over_grid
 from hsgd_tune.tracking import Tracker
 from hsgd_tune.training import TwinRun
 from hsgd_tune.worker import StudyLock
@@ -155,7 +159,6 @@ def certify(
     """
     _check_same_study(cfg, study)
     trials = [certifiable(study, n) for n in dict.fromkeys(numbers)]
-    max_trials = int(study.user_attrs["max_trials"])
     results = []
     for trial in trials:
         if stop is not None and stop.is_set():
@@ -170,7 +173,7 @@ def certify(
                 from hsgd_tune.runner import prepare  # runner imports this module
 
                 data = prepare(cfg)
-            result = certify_trial(cfg, data, tracker, trial, run.data.metrics, max_trials)
+            result = certify_trial(cfg, data, tracker, trial, run.data.metrics)
         results.append(result)
         if on_trial is not None:
             on_trial(result)
@@ -187,6 +190,7 @@ def recorded(study: optuna.Study, tracker: Tracker, number: int) -> Certified | 
 def _check_same_study(cfg: StudyConfig, study: optuna.Study) -> None:
     """A study file edited since the study was made would certify with other settings than the
     trials were trained with."""
+    check_union_over_grid(study, cfg.source_file)
     stored = study.user_attrs.get("fingerprint")
     if stored is not None and stored != cfg.fingerprint():
         raise ConfigError(
@@ -227,7 +231,6 @@ def certify_trial(
     tracker: Tracker,
     trial: FrozenTrial,
     run_metrics: dict[str, float],
-    max_trials: int,
 ) -> Certified:
     """Rebuild trial ``trial`` from its artifacts, run :func:`measure` on it as the trial would have,
     and log the result to its (finished) MLflow run at the trial's last step."""
@@ -236,14 +239,14 @@ def certify_trial(
     with tempfile.TemporaryDirectory(prefix="hsgd-certify-") as tmp:
         twin = load_twin(tracker, trial.number, run_id, Path(tmp), run_metrics)
     started = time.perf_counter()
-    bound = trial_bound(cfg, data, twin, max_trials)
-    measured = measure(cfg, data, settings, twin, bound, delta_certificate=certificate_delta(cfg, max_trials))
+    bound = trial_bound(cfg, data, twin)
+    measured = measure(cfg, data, settings, twin, bound, grid.statement_deltas(cfg))
     timings = {f"time/{k}_s": v for k, v in measured.seconds.items()}
     metrics = {**measured.metrics, **timings, "time/diagnostics_s": time.perf_counter() - started}
     tags = dict(measured.tags)
     tags.setdefault(DIAGNOSTICS_TAG, AFTER_STUDY)  # measure's own "skipped: …" says more; keep it
     if measured.metrics:  # as objective.TrialOutcome.tags() says for a trial that measured
-        tags["hsgd.delta_split"] = "δ_t/2 for the trajectory bound, δ_t/2 for the certificate"
+        tags["hsgd.delta_split"] = DELTA_SPLIT
     tracker.log(run_id, metrics=metrics, step=settings.steps, tags=tags)
     return Certified(trial.number, run_id, metrics, tags, computed=True)
 

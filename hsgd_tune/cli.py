@@ -6,11 +6,14 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from hsgd_tune import cli_advisor, cli_worker
 from hsgd_tune.errors import ConfigError, HsgdError
+from hsgd_tune.redact import redact
 
 DESCRIPTION = """\
 Tune batch size and learning rate of SGD-trained PyTorch models with Optuna, scoring every trial by
@@ -26,8 +29,16 @@ the Pareto-front trials get their PAC-Bayes certificate ([diagnostics] trials = 
 default; "all" computes it inside every trial, at several times the cost of training)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake shown like every other mistake: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"hsgd-tune: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hsgd-tune", description=DESCRIPTION)
+    parser = _Parser(prog="hsgd-tune", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run or resume a tuning study", description=RUN_HELP)
@@ -61,12 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except HsgdError as exc:
-        message = " ".join(str(exc).splitlines())  # one line, even when a user's code wrote several
+        # One line, even when a user's code wrote several; never a password, whoever wrote the text.
+        message = redact(" ".join(str(exc).splitlines()))
         print(f"hsgd-tune: error: {message}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         print("hsgd-tune: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not is_store_failure(exc):
+            raise  # a bug: its traceback is what a report needs
+        reason = redact(" ".join(str(exc).split())[:500]) or type(exc).__name__
+        print(
+            f"hsgd-tune: error: a store or file could not be used ({type(exc).__name__}: {reason})",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """A failure of the disk or of a store (full disk, read-only file, a database or MLflow error),
+    not of this program: shown as one line, exit 1, like other storage problems."""
+    if isinstance(exc, OSError):
+        return True
+    module = type(exc).__module__
+    return module.startswith(("mlflow", "sqlalchemy", "optuna.storages", "optuna.exceptions", "psycopg"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -77,16 +107,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.timeout is not None and not args.timeout > 0:
         raise ConfigError("--timeout", "must be a positive number of seconds", args.timeout)
     cfg = with_run(load_study(args.study), n_trials=args.n_trials, timeout=args.timeout, storage=args.storage)
-    from hsgd_tune.runner import (
-        end_of_run,
-        run_study,
-    )  # torch, Optuna, MLflow: seconds; a bad file fails first
+    # torch, Optuna, MLflow: seconds to import; a bad study file fails first
+    from hsgd_tune.runner import end_of_run, run_study
 
+    stop = None
     if args.workers != 1:  # K local worker processes; each prints a line per trial
         summary = cli_worker.run_local_workers(args, cfg)
     else:
-        summary = run_study(cfg, progress=not args.quiet)
+        from hsgd_tune.worker import GracefulStop, WorkerOptions
+
+        # Ctrl-C (or SIGTERM) once: the running trial finishes, then the run stops; twice: now (the
+        # trial is failed and its parameters queued again for the next run), as for `worker`.
+        stop = GracefulStop(threading.Event()).install()
+        try:
+            summary = run_study(cfg, progress=not args.quiet, worker=WorkerOptions(stop=stop.event))
+        finally:
+            stop.uninstall()
     print(end_of_run(cfg, summary, str(args.study)))
+    if stop is not None and stop.signum is not None and summary.trials_done < summary.budget:
+        return 128 + stop.signum  # stopped on request before the budget was met; rerun to resume
     return 0
 
 
@@ -106,7 +145,7 @@ def _quiet_libraries() -> None:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"hsgd-tune: warning: {message}", file=sys.stderr)
+    print(f"hsgd-tune: warning: {redact(' '.join(str(message).splitlines()))}", file=sys.stderr)
 
 
 COMMANDS = {"run": cmd_run, **cli_advisor.COMMANDS, **cli_worker.COMMANDS}

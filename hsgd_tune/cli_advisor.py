@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 
-from hsgd_tune.config import OBJECTIVES
+from hsgd_tune.config import OBJECTIVES, child_path
 from hsgd_tune.errors import ConfigError, HsgdError
 
 RANK_HELP = """\
 Rank a study's trials and recommend one. Pareto ranks over the study's objectives (1 = the front, 2 =
 the front once rank 1 is removed, ...; 0 = not finished). The recommended trial: among the finished
-trials whose `within` metric (default val_loss) is within `tolerance` (default 5%%) of the best, the one
-with the smallest `prefer` metric (default risk_bound); set in the study file's [rank] table or here.
+trials whose `within` metric is within `tolerance` (a fraction) plus `standard-errors` standard errors
+of the best, the one with the smallest `prefer` metric; set in the study file's [rank] table or here.
+The default is the trial with the smallest crossfit_loss (the mean of the S-model's loss on H and the
+H-model's loss on S); rank explains its answer below the table (the estimate ± its standard error, the
+certificates, the runner-up and why it lost).
 The ranks and the recommendation are written to the MLflow runs (tags hsgd.pareto_rank,
 hsgd.recommended, metric rank/pareto_rank), so the MLflow UI can sort and filter by them."""
 
@@ -33,20 +37,29 @@ print it. By default a study certifies its Pareto front when its trials are done
 trials = "front"); this command certifies other trials too (default: the Pareto front). What is
 certified: certificate/bound bounds the expected error (0-1, or the clipped loss over B) of the
 stochastic predictor Q, weights drawn from N(μ, diag s²), not of the final weights; a PAC-Bayes-kl
-bound with a prior built from the reference run only. Each trial spends δ_t/2 of its δ_t = δ /
-max_trials on it, so all certificates of the study hold together with probability ≥ 1 − δ;
-choosing which trials to certify after seeing their results is therefore fine. A trial whose run
+bound with a prior built from the reference run only; and the perturbed-dynamics certificate
+certificate/perturbed_bound. Every configuration λ of the study's grid Λ has δ_λ = δ/|Λ| set aside
+in advance, split among its statements, so all certificates of the study hold together with
+probability ≥ 1 − δ, whatever the sampler did; choosing which trials to certify after seeing their
+results is therefore fine. A trial whose run
 already has a certificate is shown, not computed again."""
 
 PICK_HELP = """\
 Pick a trial (the recommended one by default): export it as a standalone study file with one value per
-hyperparameter (train it again with `hsgd-tune train`), log its model with MLflow's PyTorch flavour,
-register it in the Model Registry and point an alias (default: champion) at it. A trial without a
-PAC-Bayes certificate is certified first (see `hsgd-tune certify`), so the chosen model has one."""
+hyperparameter (train it again with `hsgd-tune train`), register a production model in the MLflow Model
+Registry and point an alias (default: champion) at it. The model is a complete predictor (MLflow pyfunc,
+logged from code; no pickle): raw feature rows in, class labels and probabilities (or regression outputs
+in the target's units) out. By default it is the trial's own model, certified first if it has no
+PAC-Bayes certificate (see `hsgd-tune certify`); its version carries the certificates and the statement
+they make. With --refit the configuration is trained again on all the study's labelled rows (S, H and
+V), and that model is registered instead: the trial's certificates do not cover it. Lineage (study,
+trial, data fingerprint) is recorded in a run of its own; the trial's run is not touched."""
 
 TRAIN_HELP = """\
 Train one configuration from a study file whose search space has one value per hyperparameter (as
-written by `hsgd-tune pick`), and print its losses and bound. Same seed, same result as the trial."""
+written by `hsgd-tune pick`), print its losses and bound, and log a run (params, metrics, the model as
+a pyfunc predictor) in the study file's MLflow experiment (the original study's, for a file written by
+`pick`). Same seed, same result as the trial."""
 
 UI_HELP = """\
 Start the MLflow UI (and optuna-dashboard, if installed) on 127.0.0.1 for this study's stores, print
@@ -80,6 +93,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--no-mlflow", action="store_true", help="do not log the report to the study's parent run"
     )
+    report.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an existing folder that is not a report (its files are kept; same names replaced)",
+    )
 
     certify = sub.add_parser(
         "certify", help="certify finished trials (PAC-Bayes certificate)", description=CERTIFY_HELP
@@ -107,6 +125,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pick.add_argument(
         "--dry-run", action="store_true", help="say what would be exported and registered; change nothing"
     )
+    pick.add_argument(
+        "--refit",
+        action="store_true",
+        help="register the configuration trained again on S ∪ H ∪ V (not covered by the certificates)",
+    )
 
     train = sub.add_parser("train", help="train one exported configuration", description=TRAIN_HELP)
     train.add_argument(
@@ -118,6 +141,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="save the model, trajectories and metrics in DIR (must not exist)",
     )
+    train.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")
 
     ui = sub.add_parser("ui", help="start the MLflow UI for a study", description=UI_HELP)
     _study_args(ui, rule=False)
@@ -138,12 +162,19 @@ def _study_args(parser: argparse.ArgumentParser, rule: bool = True) -> None:
             type=float,
             metavar="F",
             help="recommendation: how far, as a fraction of the best `within` value, a trial may be "
-            "(default: [rank] tolerance, 0.05)",
+            "(default: [rank] tolerance, 0)",
         )
         parser.add_argument(
             "--within",
             choices=OBJECTIVES,
-            help="recommendation: the metric the tolerance applies to (default: [rank] within, val_loss)",
+            help="recommendation: the metric the band applies to (default: [rank] within, crossfit_loss)",
+        )
+        parser.add_argument(
+            "--standard-errors",
+            type=float,
+            metavar="K",
+            help="recommendation: widen the band by K standard errors of the best trial's `within` "
+            "estimate (val_loss, heldout_loss, crossfit_loss; default: [rank] standard_errors, 0)",
         )
         parser.add_argument(
             "--prefer",
@@ -156,21 +187,33 @@ def _study_args(parser: argparse.ArgumentParser, rule: bool = True) -> None:
 def _ranking(args: argparse.Namespace):
     from hsgd_tune.ranking import load_ranking
 
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise ConfigError(
+            "--tolerance", "must be a finite non-negative fraction of the best value", args.tolerance
+        )
+
     return load_ranking(
-        args.study, args.storage, tolerance=args.tolerance, within=args.within, prefer=args.prefer
+        args.study,
+        args.storage,
+        tolerance=args.tolerance,
+        within=args.within,
+        prefer=args.prefer,
+        standard_errors=args.standard_errors,
     )
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from hsgd_tune.ranking import render, study_certificates, with_certificates, write_to_mlflow
+    from hsgd_tune.ranking import CERTIFICATE, render, trial_certificates, with_certificates, write_to_mlflow
     from hsgd_tune.tracking import Tracker
 
     fmt = args.format or _format_from_suffix(args.out)
     ranking, cfg = _ranking(args)
     tracker = None if args.no_mlflow else Tracker()
     if tracker is not None:  # certificates computed after the study live in MLflow only
-        certificates = study_certificates(ranking.study, tracker, cfg.experiment_name)
-        ranking = dataclasses.replace(ranking, table=with_certificates(ranking.table, certificates))
+        found = trial_certificates(ranking.study, tracker, cfg.experiment_name)
+        certificates = {n: c[CERTIFICATE] for n, c in found.items() if CERTIFICATE in c}
+        table = with_certificates(ranking.table, certificates)
+        ranking = dataclasses.replace(ranking, table=table, certificates=found)
     text = render(ranking, fmt)
     if args.out is not None:
         write_text_atomically(args.out, text)
@@ -196,9 +239,15 @@ def write_text_atomically(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all (a temporary file renamed into place)."""
     if not path.parent.is_dir():
         raise ConfigError("--out", "must be in an existing folder", str(path))
+    if path.is_dir():
+        raise ConfigError("--out", "must be a file, not a folder", str(path))
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError("--out", f"must be a file we can write ({exc.strerror})", str(path)) from None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -206,8 +255,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from hsgd_tune.tracking import Tracker
 
     ranking, cfg = _ranking(args)
-    out = args.out or Path("mlruns/reports") / ranking.name
-    page = write_report(ranking, cfg, Tracker(), out, log_to_mlflow=not args.no_mlflow)
+    out = args.out or child_path(Path("mlruns/reports"), ranking.name)
+    page = write_report(
+        ranking, cfg, Tracker(must_exist=True), out, log_to_mlflow=not args.no_mlflow, force=args.force
+    )
     print(f"{ranking.summary()}\nreport: {page}")
     return 0
 
@@ -240,13 +291,18 @@ def cmd_certify(args: argparse.Namespace) -> int:
     print(f"{study.study_name}: certifying {which} ({', '.join(map(str, numbers))})", flush=True)
     lock = _study_lock(args, study, cfg)
     results = certify(
-        study, cfg, Tracker(), numbers, on_trial=lambda r: print(r.line(), flush=True), lock=lock
+        study,
+        cfg,
+        Tracker(must_exist=True),
+        numbers,
+        on_trial=lambda r: print(r.line(), flush=True),
+        lock=lock,
     )
-    max_trials = study.user_attrs["max_trials"]
     print(f"\n{format_results(results)}\n")
     print(
         f"Each certificate bounds the expected error of the stochastic predictor Q; together they hold "
-        f"with probability ≥ 1 − {cfg.bound.delta:g} (δ split over max_trials = {max_trials})."
+        f"with probability ≥ 1 − {cfg.bound.delta:g} (δ divided over the {cfg.grid_size} configurations "
+        "of the search grid)."
     )
     return 0
 
@@ -266,10 +322,27 @@ def cmd_pick(args: argparse.Namespace) -> int:
 
     if args.trial is not None and args.trial < 0:
         raise ConfigError("--trial", "must be a trial number (0 or more)", args.trial)
+    if args.model_name is not None and (
+        not args.model_name.strip() or any(c in args.model_name for c in "/:")
+    ):
+        raise ConfigError(
+            "--model-name", "must be a non-empty name without '/' or ':' (MLflow's rule)", args.model_name
+        )
+    if args.out is not None and args.out.is_dir():
+        raise ConfigError("--out", "must be a file, not a folder (even with --force)", str(args.out))
     ranking, cfg = _ranking(args)
     lock = _study_lock(args, ranking.study, cfg)
     for line in pick(
-        ranking, cfg, args.trial, args.out, args.model_name, args.alias, args.force, args.dry_run, lock
+        ranking,
+        cfg,
+        args.trial,
+        args.out,
+        args.model_name,
+        args.alias,
+        args.force,
+        args.dry_run,
+        lock,
+        refit=args.refit,
     ):
         print(line)
     return 0
@@ -285,7 +358,7 @@ def _study_lock(args: argparse.Namespace, study, cfg):
 def cmd_train(args: argparse.Namespace) -> int:
     from hsgd_tune.pick import train_config
 
-    for line in train_config(args.config, args.out):
+    for line in train_config(args.config, args.out, log=not args.no_mlflow):
         print(line)
     return 0
 

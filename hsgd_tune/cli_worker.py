@@ -91,7 +91,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     options = WorkerOptions(stop=stop.event, lines=True, shared=True)
     if args.heartbeat is not None:
         options.heartbeat = args.heartbeat
-    summary = run_study(cfg, progress=False, worker=options)
+    try:
+        summary = run_study(cfg, progress=False, worker=options)
+    finally:
+        stop.uninstall()
     print(
         f"{summary.study}: {summary.trials_done}/{summary.budget} trials finished "
         f"({summary.trials_run} by this worker, pid {os.getpid()})",
@@ -109,13 +112,14 @@ def run_local_workers(args: argparse.Namespace, cfg):
     _positive("--workers", args.workers)
     from hsgd_tune.runner import RunSummary, prepare
     from hsgd_tune.study import create_or_resume, open_storage, trials_done
-    from hsgd_tune.tracking import tracking_uri
+    from hsgd_tune.tracking import check_tracking_uri, tracking_uri
     from hsgd_tune.worker import PARENT_ATTR, StudyLock, check_shareable, check_tracking
 
     check_shareable(cfg.run.storage)
     prepare(cfg)
-    storage = open_storage(cfg.run.storage)
+    check_tracking_uri(tracking_uri())  # both stores checked before either is opened
     check_tracking(tracking_uri())
+    storage = open_storage(cfg.run.storage)
     with StudyLock(storage, cfg.run.storage, cfg.name)():
         before = trials_done(create_or_resume(cfg, storage))  # a changed study file fails here, once
     threads = max(1, (os.cpu_count() or 1) // args.workers)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hsgd_tune import grid
 from hsgd_tune.errors import ConfigError
 
 DATA_SOURCES = ("digits", "breast_cancer", "wine", "synthetic", "csv")
@@ -37,6 +38,8 @@ OBJECTIVES = (
     "decoupling_distance",
     "train_loss",
     "certificate",
+    "heldout_loss",  # the S-model on H (hsgd_tune/heldout.py)
+    "crossfit_loss",  # mean of the S-model on H and the H-model on S
 )
 #: Knobs the trainer itself understands; they leave the theory's scope (plain SGD), so trials using
 #: them are tagged as such. Other knob names are passed to a user model's entry point.
@@ -84,7 +87,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Knob:
-    """One searched hyperparameter: a float or int range (optionally log-scaled) or a choice."""
+    """One searched hyperparameter: a float or int range (optionally log-scaled) or a choice. Its
+    values are snapped to a finite grid (grid.py): ``points_per_decade`` for a log-scaled float range,
+    ``grid_points`` for a linear one."""
 
     name: str
     kind: str  # "float" | "int" | "categorical"
@@ -92,6 +97,8 @@ class Knob:
     high: float | None = None
     log: bool = False
     choices: tuple[Any, ...] | None = None
+    points_per_decade: int | None = None  # log float ranges
+    grid_points: int | None = None  # linear float ranges
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,8 @@ class NoiseConfig:
 
 @dataclass(frozen=True)
 class CertificateConfig:
-    """The PAC-Bayes certificate (DESIGN.md §2); it takes half of each trial's δ_t."""
+    """The learned-posterior (PAC-Bayes) and perturbed-dynamics certificates (DESIGN.md §2); each takes
+    a share of the configuration's δ_λ (grid.py)."""
 
     enabled: bool = True
     posterior: str = "layer"  # learned variances per "layer" or per "weight", or "isotropic"
@@ -153,7 +161,10 @@ class BoundConfig:
     delta: float = 0.05
     loss_clip: float = 5.0
     lipschitz_subsample: int = 64
-    max_trials: int | None = None  # None: the run budget
+    #: |Λ| the uniform prior over configurations is spread over; None: the search grid's size. Only
+    #: larger values are allowed (Σπ ≤ 1); ``pick`` exports set it so a single configuration keeps the
+    #: statement its study made.
+    grid_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -173,12 +184,16 @@ class RunConfig:
 @dataclass(frozen=True)
 class RankConfig:
     """How ``rank`` recommends one trial: among the finished trials whose ``within`` metric is at most
-    ``(1 + tolerance)`` times the best, the one with the smallest ``prefer`` metric. Like ``[run]``,
-    it changes no trial's result, so it is not part of the fingerprint."""
+    ``best + tolerance·|best| + standard_errors·SE(best)``, the one with the smallest ``prefer`` metric
+    (SE: the standard error of the best trial's estimate; ``within`` must then be an estimate that
+    has one). Like ``[run]``, it changes no trial's result, so it is not part of the fingerprint."""
 
-    within: str = "val_loss"
-    tolerance: float = 0.05
-    prefer: str = "risk_bound"
+    # The default (the smallest cross-fit loss) is the rule that benchmarks/selection.py found never
+    # worse than validating on V ∪ H and better than V alone with small V (benchmarks/README.md).
+    within: str = "crossfit_loss"
+    tolerance: float = 0.0
+    prefer: str = "risk_bound"  # breaks exact ties only, with tolerance = standard_errors = 0
+    standard_errors: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -191,7 +206,7 @@ class StudyConfig:
     device: str = "cpu"
     training: TrainingConfig = TrainingConfig()
     bound: BoundConfig = BoundConfig()
-    objectives: tuple[str, ...] = ("val_loss", "risk_bound")
+    objectives: tuple[str, ...] = ("crossfit_loss", "risk_bound")
     certificate: CertificateConfig = CertificateConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -200,9 +215,9 @@ class StudyConfig:
     source_file: Path | None = field(default=None, compare=False)
 
     @property
-    def max_trials(self) -> int:
-        """The number of trials δ is split over (DESIGN.md §2: δ_t = δ / max_trials)."""
-        return self.bound.max_trials if self.bound.max_trials is not None else self.run.n_trials
+    def grid_size(self) -> int:
+        """|Λ|, the configurations δ is divided over (DESIGN.md §2: δ_λ = δ·π(λ), π uniform)."""
+        return self.bound.grid_size if self.bound.grid_size is not None else grid.grid_size(self.search)
 
     @property
     def diagnose_every_trial(self) -> bool:
@@ -223,9 +238,6 @@ class StudyConfig:
         payload.pop("run")
         payload.pop("rank")
         payload.pop("source_file")
-        # max_trials is fixed when the study is created and kept by the study itself (study.py),
-        # so a resumed study may name a larger budget here without changing its identity.
-        payload["bound"].pop("max_trials")
         # Which trials get the diagnostics changes no objective (a certificate objective forces
         # "all"), so it may change between resumes, and studies made before it existed still resume.
         payload["diagnostics"].pop("trials")
@@ -323,6 +335,28 @@ def _one_of(table: _Table, name: str, allowed: tuple[str, ...], default: Any = _
 # ---------------------------------------------------------------------------------------------
 
 
+#: Sizes beyond these are typing mistakes, not studies (a synthetic set with 10**9 features, 10**12
+#: SGD steps): refused with the rule rather than met with a MemoryError mid-way.
+LIMITS = {
+    "data.synthetic.n_features": 100_000,
+    "data.synthetic.n_classes": 10_000,
+    "data.synthetic.hidden": 100_000,
+    "data.n_train": 100_000_000,
+    "data.n_val": 100_000_000,
+    "data.n_reference": 100_000_000,
+    "data.n_test": 100_000_000,
+    "training.steps": 100_000_000,
+    "training.sketch_dim": 100_000,
+}
+
+
+def _check_limits(cfg: Any, prefix: str) -> None:
+    for key, limit in LIMITS.items():
+        section, _, name = key.rpartition(".")
+        if section == prefix and (value := getattr(cfg, name)) is not None and value > limit:
+            raise ConfigError(key, f"must be at most {limit:_}", value)
+
+
 def _read_synthetic(t: _Table) -> SyntheticConfig:
     cfg = SyntheticConfig(
         kind=_one_of(t, "kind", ("teacher", "mixture"), "teacher"),
@@ -335,6 +369,7 @@ def _read_synthetic(t: _Table) -> SyntheticConfig:
         raise ConfigError(t.key("n_classes"), "must be at least 2", cfg.n_classes)
     if cfg.noise < 0:
         raise ConfigError(t.key("noise"), "must be non-negative", cfg.noise)
+    _check_limits(cfg, "data.synthetic")
     t.done()
     return cfg
 
@@ -371,6 +406,7 @@ def _read_data(t: _Table, base_dir: Path) -> DataConfig:
         raise ConfigError(t.key("n_test"), "must be non-negative", cfg.n_test)
     if cfg.task == "regression" and source in ("digits", "breast_cancer", "wine"):
         raise ConfigError(t.key("task"), f"must be classification for {source}", cfg.task)
+    _check_limits(cfg, "data")
     t.done()
     return cfg
 
@@ -407,8 +443,16 @@ def _read_knob(t: _Table, name: str, default_kind: str) -> Knob:
         raise ConfigError(t.key("high"), f"must exceed low = {low} (empty search range)", high)
     if log and low <= 0:
         raise ConfigError(t.key("low"), "must be positive for a log range", low)
+    # The grid Λ (grid.py): fixed here, before any data is seen.
+    ppd = points = None
+    if kind == "float" and log:
+        ppd = _positive(t, "points_per_decade", "int", grid.DEFAULT_POINTS_PER_DECADE)
+    elif kind == "float":
+        points = t.get("grid_points", "int", grid.DEFAULT_GRID_POINTS)
+        if points < 2:
+            raise ConfigError(t.key("grid_points"), "must be at least 2 (the range's ends)", points)
     t.done()
-    return Knob(name, kind, low=low, high=high, log=log)
+    return Knob(name, kind, low=low, high=high, log=log, points_per_decade=ppd, grid_points=points)
 
 
 def _read_search(t: _Table, model: ModelConfig) -> SearchConfig:
@@ -504,16 +548,24 @@ def _read_training(t: _Table) -> TrainingConfig:
     )
     if cfg.record_every > cfg.steps:
         raise ConfigError(t.key("record_every"), f"must not exceed steps = {cfg.steps}", cfg.record_every)
+    _check_limits(cfg, "training")
     t.done()
     return cfg
 
 
 def _read_bound(t: _Table) -> BoundConfig:
+    if t.has("max_trials"):  # study files written before the configuration-grid union
+        raise ConfigError(
+            t.key("max_trials"),
+            "is no longer used: δ is divided over the configuration grid (search.*.points_per_decade), "
+            "not over trials, so a study may be extended; remove it",
+            t.raw["max_trials"],
+        )
     cfg = BoundConfig(
         delta=t.get("delta", "float", 0.05),
         loss_clip=_positive(t, "loss_clip", "float", 5.0),
         lipschitz_subsample=_positive(t, "lipschitz_subsample", "int", 64),
-        max_trials=_positive(t, "max_trials", "int", None),
+        grid_size=_positive(t, "grid_size", "int", None),
     )
     if not 0 < cfg.delta < 1:
         raise ConfigError(t.key("delta"), "must lie strictly between 0 and 1", cfg.delta)
@@ -522,7 +574,7 @@ def _read_bound(t: _Table) -> BoundConfig:
 
 
 def _read_objectives(t: _Table) -> tuple[str, ...]:
-    names = t.get("minimize", "list", ["val_loss", "risk_bound"])
+    names = t.get("minimize", "list", list(StudyConfig.objectives))
     if not names:
         raise ConfigError(t.key("minimize"), "must name at least one objective", names)
     for i, name in enumerate(names):
@@ -545,16 +597,35 @@ def _read_sampler(t: _Table) -> SamplerConfig:
 
 def _read_rank(t: _Table) -> RankConfig:
     cfg = RankConfig(
-        within=_one_of(t, "within", OBJECTIVES, "val_loss"),
-        tolerance=t.get("tolerance", "float", 0.05),
-        prefer=_one_of(t, "prefer", OBJECTIVES, "risk_bound"),
+        within=_one_of(t, "within", OBJECTIVES, RankConfig.within),
+        tolerance=t.get("tolerance", "float", RankConfig.tolerance),
+        prefer=_one_of(t, "prefer", OBJECTIVES, RankConfig.prefer),
+        standard_errors=t.get("standard_errors", "float", 0.0),
     )
     if cfg.tolerance < 0:
         raise ConfigError(
             t.key("tolerance"), "must be non-negative (a fraction of the best value)", cfg.tolerance
         )
+    check_standard_errors(cfg, t.key("standard_errors"))
     t.done()
     return cfg
+
+
+#: Objectives that are estimates with a standard error (hsgd_tune/heldout.py), usable with
+#: ``[rank] standard_errors``.
+ESTIMATES = ("val_loss", "heldout_loss", "crossfit_loss")
+
+
+def check_standard_errors(rule: RankConfig, key: str) -> None:
+    """``standard_errors`` must be >= 0 and needs a ``within`` that has a standard error."""
+    if rule.standard_errors < 0:
+        raise ConfigError(key, "must be non-negative (a number of standard errors)", rule.standard_errors)
+    if rule.standard_errors and rule.within not in ESTIMATES:
+        raise ConfigError(
+            key,
+            f"needs [rank] within to be an estimate with a standard error ({', '.join(ESTIMATES)})",
+            rule.within,
+        )
 
 
 def _read_run(t: _Table) -> RunConfig:
@@ -568,27 +639,78 @@ def _read_run(t: _Table) -> RunConfig:
     return cfg
 
 
-def _check_entry_point(spec: str, base_dir: Path) -> None:
-    """Fail at load time, not mid-study, when a user's ``module:function`` cannot be imported."""
+#: A study name becomes a folder name (``mlruns/reports/<name>``), part of a file name (``pick``'s
+#: export), an MLflow experiment and model name and a quoted value in MLflow filter strings, so it is
+#: kept to characters that are safe in all of them: letters and digits (any script), space and
+#: ``_ - . ' + , @ ( )``; no slash, no double quote, no control character.
+NAME_MAX_LENGTH = 100
+_NAME_PUNCTUATION = frozenset(" _-.'+,@()")
+
+
+def check_study_name(name: str, key: str = "name") -> str:
+    """``name`` if it is a safe study name, else a ConfigError saying which rule it breaks."""
+    rule = None
+    if not name or name != name.strip():
+        rule = "must be non-empty, without leading or trailing spaces"
+    elif len(name) > NAME_MAX_LENGTH:
+        rule = f"must be at most {NAME_MAX_LENGTH} characters"
+    elif name.startswith("."):  # '.', '..', and hidden names: a folder of that name is not the study's
+        rule = "must not start with a dot"
+    elif bad := [c for c in name if not (c.isalnum() or c in _NAME_PUNCTUATION)]:
+        rule = (
+            "may hold only letters, digits, spaces and _ - . ' + , @ ( ) "
+            f"(not {bad[0]!r}: names become folder names and MLflow filter values)"
+        )
+    if rule is not None:
+        raise ConfigError(key, rule, name)
+    return name
+
+
+def child_path(parent: Path, name: str) -> Path:
+    """``parent / name`` for a name from the user or a study, refused unless it stays inside ``parent``
+    (defence in depth: names are checked when a study is created, but a study made by an older
+    version, or a name typed on the command line, is not)."""
+    path = parent / name
+    if path.parent != parent or not path.resolve().is_relative_to(parent.resolve()) or name in (".", ".."):
+        raise ConfigError("name", f"must not lead outside {parent}", name)
+    return path
+
+
+def _check_entry_point(spec: str, base_dir: Path, import_code: bool) -> None:
+    """Fail at load time, not mid-study, when a user's ``module:function`` cannot be imported.
+    Importing runs the user's code: commands that only read a study pass ``import_code=False``."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError("model.entry_point", "must look like 'module:function'", spec)
     if str(base_dir) not in sys.path:
         sys.path.insert(0, str(base_dir))
+    if import_code:
+        import_entry_point(spec)
+
+
+def import_entry_point(spec: str) -> Any:
+    """The callable a ``module:function`` entry point names; every failure of the user's module
+    (an exception, or ``sys.exit`` while it is imported) is one ConfigError naming it."""
+    module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:  # the module ran a script's exit on import
+        rule = f"module must import without exiting (it called sys.exit({exc.code!r}) on import)"
+        raise ConfigError("model.entry_point", rule, spec) from None
     except Exception as exc:  # any import failure is the user's module's, report it in one line
-        raise ConfigError("model.entry_point", f"module must import ({exc})", spec) from None
-    if not callable(getattr(module, attr, None)):
+        reason = str(exc) or type(exc).__name__
+        raise ConfigError("model.entry_point", f"module must import ({reason})", spec) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
         raise ConfigError("model.entry_point", f"must name a callable in {module_name}", spec)
+    return factory
 
 
-def parse_study(raw: dict[str, Any], base_dir: Path) -> StudyConfig:
-    """Validate an already-parsed TOML document (relative paths resolve against ``base_dir``)."""
+def parse_study(raw: dict[str, Any], base_dir: Path, import_code: bool = True) -> StudyConfig:
+    """Validate an already-parsed TOML document (relative paths resolve against ``base_dir``).
+    ``import_code``: import a user entry point's module (this runs its code) to check it."""
     top = _Table(raw, "")
-    name = top.get("name", "str")
-    if not name.strip() or any(c in name for c in "/\\\n"):
-        raise ConfigError("name", "must be a non-empty name without slashes", name)
+    name = check_study_name(top.get("name", "str"))
     model = _read_model(top.table("model"))
     cfg = StudyConfig(
         name=name,
@@ -607,22 +729,25 @@ def parse_study(raw: dict[str, Any], base_dir: Path) -> StudyConfig:
         rank=_read_rank(top.table("rank")),
     )
     top.done()
-    if cfg.run.n_trials > cfg.max_trials:
+    searched = grid.grid_size(cfg.search)
+    if cfg.bound.grid_size is not None and cfg.bound.grid_size < searched:
         raise ConfigError(
-            "run.n_trials",
-            f"must not exceed bound.max_trials = {cfg.max_trials} (δ is split over it)",
-            cfg.run.n_trials,
+            "bound.grid_size",
+            f"must be at least the search grid's {searched} configurations (prior weights sum to ≤ 1)",
+            cfg.bound.grid_size,
         )
     if "certificate" in cfg.objectives and not cfg.certificate.enabled:
         rule = "may name 'certificate' only when certificate.enabled"
         raise ConfigError("objectives.minimize", rule, "certificate")
     if model.entry_point is not None:
-        _check_entry_point(model.entry_point, base_dir)
+        _check_entry_point(model.entry_point, base_dir, import_code)
     return cfg
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Read and validate a study file; every failure is a ConfigError naming ``path``."""
+def load_study(path: str | Path, import_code: bool = True) -> StudyConfig:
+    """Read and validate a study file; every failure is a ConfigError naming ``path``. A study file
+    with a model entry point runs code: ``import_code=False`` only checks its form (for commands
+    that read a study and build no model)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -635,7 +760,7 @@ def load_study(path: str | Path) -> StudyConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(syntax)", "must be valid TOML", str(exc), file=path) from None
     try:
-        cfg = parse_study(raw, path.resolve().parent)
+        cfg = parse_study(raw, path.resolve().parent, import_code)
     except ConfigError as exc:
         raise exc.in_file(path) from None
     return dataclasses.replace(cfg, source_file=path)
@@ -644,15 +769,5 @@ def load_study(path: str | Path) -> StudyConfig:
 def with_run(cfg: StudyConfig, **changes: Any) -> StudyConfig:
     """The same study with some ``[run]`` settings overridden (e.g. from the command line)."""
     changes = {k: v for k, v in changes.items() if v is not None}
-    # δ stays split over the study file's budget, whatever budget this one run asks for.
-    bound = dataclasses.replace(cfg.bound, max_trials=cfg.max_trials)
-    run = dataclasses.replace(cfg.run, **changes)
-    if run.n_trials > bound.max_trials:  # refuse here, before a study is created for fewer trials
-        raise ConfigError(
-            "run.n_trials",
-            f"must not exceed bound.max_trials = {bound.max_trials} (δ is split over it; "
-            "set bound.max_trials in the study file to plan for more)",
-            run.n_trials,
-            file=cfg.source_file,
-        )
-    return dataclasses.replace(cfg, bound=bound, run=run)
+    # Any budget: δ is divided over the configuration grid, not over trials (grid.py).
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **changes))

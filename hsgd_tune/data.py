@@ -19,6 +19,7 @@ the problem is in its content).
 
 from __future__ import annotations
 
+import csv
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -102,6 +103,20 @@ class Dataset:
     y_mean: float = 0.0
     y_scale: float = 1.0
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What a served model needs to take raw rows and give answers in the data's own terms (JSON
+        types): the feature names in column order, H's means and scales, the task, the original
+        label of each class index, and the regression target's mean and scale."""
+        return {
+            "task": self.task,
+            "feature_names": list(self.feature_names),
+            "x_mean": [float(v) for v in self.x_mean],
+            "x_scale": [float(v) for v in self.x_scale],
+            "classes": list(self.classes),
+            "y_mean": float(self.y_mean),
+            "y_scale": float(self.y_scale),
+        }
+
 
 # --------------------------------------------------------------------------------------------
 # entry point
@@ -120,7 +135,7 @@ def load_dataset(cfg: Any, seed: int) -> Dataset:
     if source == "synthetic":
         return _load_synthetic(cfg, seed, task or "classification")
 
-    table = _read_csv(cfg, task) if source == "csv" else _read_builtin(source, task)
+    table = _read_csv(cfg, task, seed) if source == "csv" else _read_builtin(source, task)
 
     idx = split_indices(table.n_rows, cfg, seed, what=table.name)
     raw = {role: (table.x[i], table.y[i]) for role, i in idx.items() if i is not None}
@@ -251,7 +266,7 @@ def _short_list(names: list[Any], limit: int = 8) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
-def _read_csv(cfg: Any, task: str | None) -> _Table:
+def _read_csv(cfg: Any, task: str | None, seed: int = 0) -> _Table:
     if cfg.path is None:
         raise DataError("data.path", "a csv source needs a path", None)
     path = Path(cfg.path)
@@ -270,6 +285,7 @@ def _read_csv(cfg: Any, task: str | None) -> _Table:
         reason = " ".join(str(exc).split())[:200]
         raise DataError("data.path", f"CSV file cannot be read ({reason})", str(path), file=path) from None
 
+    _check_unique_header(path, target)
     columns = list(frame.columns)
     if target not in columns:
         raise DataError(
@@ -324,11 +340,15 @@ def _read_csv(cfg: Any, task: str | None) -> _Table:
         )
 
     y_series = frame[target]
+    # The task and the class set come from the study file or from the rows outside S (H, V, T and
+    # unused rows): inferred from every row, the model's outputs (so the reference run) would depend
+    # on S.
+    outside_s = y_series.drop(index=y_series.index[_train_rows(len(frame), cfg, seed, path.name)])
     if task is None:
-        task = _infer_task(y_series)
+        task = _infer_task(outside_s)
     name = path.name
     if task == "classification":
-        y, classes = _encode_labels(y_series)
+        y, classes = _encode_labels(y_series, _encode_labels(outside_s)[1], target)
         if len(classes) < 2:
             raise DataError(
                 "data.target",
@@ -369,6 +389,22 @@ def _read_csv(cfg: Any, task: str | None) -> _Table:
     )
 
 
+def _check_unique_header(path: Path, target: str) -> None:
+    """pandas renames a repeated column ``a`` to ``a.1``: a repeated target would silently become a
+    feature, so a repeated name is an error, named."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        header = next(csv.reader(handle), [])
+    seen, repeated = set(), []
+    for name in header:
+        if name in seen and name not in repeated:
+            repeated.append(name)
+        seen.add(name)
+    if repeated:
+        what = "the target column" if target in repeated else "column names"
+        rule = f"CSV header must not repeat {what} (repeated: {_short_list(repeated)})"
+        raise DataError("data.path", rule, str(path), file=path)
+
+
 def _first_non_numeric(series: pd.Series) -> tuple[int, Any]:
     converted = pd.to_numeric(series, errors="coerce")
     bad = (converted.isna() & series.notna()).to_numpy()
@@ -384,16 +420,40 @@ def _infer_task(y: pd.Series) -> str:
     return "classification" if y.nunique() <= MAX_INFERRED_CLASSES else "regression"
 
 
-def _encode_labels(y: pd.Series) -> tuple[np.ndarray, tuple[Any, ...]]:
-    """Labels → 0..k-1 in the sorted order of the distinct values."""
-    distinct = [v.item() if hasattr(v, "item") else v for v in pd.unique(y)]
-    try:
-        classes = sorted(distinct)
-    except TypeError:  # mixed types: order by their text
-        classes = sorted(distinct, key=str)
+def _train_rows(n_rows: int, cfg: Any, seed: int, what: str) -> np.ndarray:
+    """The rows of S, drawn as :func:`load_dataset` draws them (its warnings and errors are its to
+    give: the table's own errors come first)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        try:
+            return split_indices(n_rows, cfg, seed, what)["train"]
+        except DataError:
+            return np.zeros(0, dtype=np.int64)
+
+
+def _encode_labels(
+    y: pd.Series, classes: tuple[Any, ...] | None = None, target: str = ""
+) -> tuple[np.ndarray, tuple[Any, ...]]:
+    """Labels → 0..k-1 in the sorted order of the distinct values (or of ``classes``, when given:
+    a label outside them is an error naming its row)."""
+    if classes is None:
+        distinct = [v.item() if hasattr(v, "item") else v for v in pd.unique(y)]
+        try:
+            classes = tuple(sorted(distinct))
+        except TypeError:  # mixed types: order by their text
+            classes = tuple(sorted(distinct, key=str))
     code = {v: i for i, v in enumerate(classes)}
-    labels = np.fromiter((code[v.item() if hasattr(v, "item") else v] for v in y), np.int64, len(y))
-    return labels, tuple(classes)
+    values = [v.item() if hasattr(v, "item") else v for v in y]
+    unseen = [row for row, v in enumerate(values) if v not in code]
+    if unseen:
+        raise DataError(
+            "data.target",
+            f"column {target!r} has a class that only the training split S holds (data row "
+            f"{unseen[0] + 1}; the other rows hold {_short_list(list(classes))}); the classes are read "
+            "from the rows outside S so that the reference run does not depend on S",
+            values[unseen[0]],
+        )
+    return np.fromiter((code[v] for v in values), np.int64, len(values)), classes
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,8 +625,9 @@ def _assemble(raw: dict, cfg: Any, task: str, n_outputs: int, description: str, 
         description=description,
         feature_names=table.feature_names,
         classes=table.classes,
-        x_mean=np.ascontiguousarray(x_mean, dtype=np.float32),
-        x_scale=np.ascontiguousarray(x_scale, dtype=np.float32),
+        # float64, as the splits were computed: a served model maps raw rows exactly as they were.
+        x_mean=np.ascontiguousarray(x_mean, dtype=np.float64),
+        x_scale=np.ascontiguousarray(x_scale, dtype=np.float64),
         y_mean=y_mean,
         y_scale=y_scale,
     )

@@ -9,6 +9,10 @@ arithmetic that turns the measurements into bounds is pure NumPy/SciPy in :mod:`
   isotropic ``Q = N(w_S, σ²I)``.
 * :func:`draw_errors`: the Monte-Carlo errors of weights drawn from Q (for the certificate on S, and
   for the perturbed model's test error in benchmarks).
+* :func:`iterate_risks`, :func:`mean_gradient_norms`, :func:`trajectory_measures`: the risks on S at
+  recorded iterates and L_pop, behind the trajectory gap bound (every trial).
+* :func:`heldout`: the held-out certificate of the S-model (every trial).
+* :func:`perturbed_errors`: the Monte Carlo behind the perturbed-dynamics certificate.
 * :func:`gradient_noise`: minibatch minus full-batch gradients on S, for the tail index.
 * :func:`top_hessian_eigenvalue`, :func:`gradient_mismatch`: M̂ and Ê of the analytic bounds.
 * :func:`measure`: all of it for one trial, as loggable metrics and assumption tags.
@@ -16,6 +20,9 @@ arithmetic that turns the measurements into bounds is pure NumPy/SciPy in :mod:`
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +34,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from hsgd_tune import bound
-from hsgd_tune.training import H_RUN, S_RUN, minibatch_positions, per_example_error, per_example_loss
+from hsgd_tune.training import H_RUN, S_RUN, per_example_error, per_example_loss
 
 #: Prior standard deviations the certificate may use; fixed before seeing S (union bound over them).
 PRIOR_STD_GRID = bound.geometric_grid(1e-4, 1.0, 41)
@@ -86,6 +93,135 @@ def _soft_error(out: torch.Tensor, y: torch.Tensor, task: str, loss_clip: float)
         p_y = torch.softmax(out, dim=-1).gather(-1, y.expand(out.shape[:-1]).unsqueeze(-1)).squeeze(-1)
         return 1.0 - p_y
     return per_example_loss(out, y.expand(out.shape[:-1]), task).clamp(max=loss_clip) / loss_clip
+
+
+def derived_seed(settings: Any, purpose: str) -> int:
+    """A Monte-Carlo seed from (study seed, configuration, purpose): two configurations, or two
+    purposes within one, never share their random draws, and a configuration re-evaluated draws the
+    same ones (its statement is repeated, not renewed)."""
+    fields = dataclasses.asdict(settings)
+    key = json.dumps({"config": fields, "purpose": purpose}, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+# ---------------------------------------------------------------------------------------------
+# Risks along both trajectories, L_pop and the held-out certificate (every trial: cheap)
+# ---------------------------------------------------------------------------------------------
+
+
+def _stacked(iterates: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(iterates), dtype=torch.float32)
+
+
+def iterate_risks(
+    fm: FlatModel, iterates: np.ndarray, x: torch.Tensor, y: torch.Tensor, loss_clip: float, chunk: int = 32
+) -> np.ndarray:
+    """(m,) ``R̂_B(w) = mean_i min(ℓ(w, z_i), B)`` on (x, y) at each of the (m, p) iterates."""
+    out = []
+    with torch.no_grad():
+        for w in _stacked(iterates).split(chunk):
+            logits = fm.forward_many(w, x)  # (c, n, k)
+            out.append(per_example_loss(logits, y.expand(logits.shape[:-1]), fm.task).clamp(max=loss_clip))
+    return torch.cat(out).mean(dim=1).double().numpy()
+
+
+def iterate_errors(
+    fm: FlatModel, iterates: np.ndarray, x: torch.Tensor, y: torch.Tensor, loss_clip: float, chunk: int = 32
+) -> np.ndarray:
+    """(m,) mean bounded error (0-1, or ``ℓ_B/B`` for regression) on (x, y) at each iterate."""
+    out = []
+    with torch.no_grad():
+        for w in _stacked(iterates).split(chunk):
+            # In float64: a mean of n float32 zeros and ones would not be an exact count over n.
+            out.append(_bounded_error(fm.forward_many(w, x), y, fm.task, loss_clip).double().mean(dim=1))
+    return torch.cat(out).numpy()
+
+
+def mean_gradient_norms(
+    fm: FlatModel, points: np.ndarray, x: torch.Tensor, y: torch.Tensor, loss_clip: float, chunk: int = 32
+) -> np.ndarray:
+    """(m,) ``‖∇_w mean_i min(ℓ(w, z_i), B)‖`` at each of the (m, p) points: the gradient of the
+    clipped empirical risk on (x, y), an estimate of the population risk's gradient when (x, y) is
+    independent of the points' choice. One backward pass per chunk: each point's loss depends on
+    its own row only, so the gradient of their sum holds every point's gradient."""
+    norms = []
+    for w in _stacked(points).split(chunk):
+        w = w.clone().requires_grad_(True)
+        logits = fm.forward_many(w, x)
+        risk = per_example_loss(logits, y.expand(logits.shape[:-1]), fm.task).clamp(max=loss_clip).mean(dim=1)
+        (grad,) = torch.autograd.grad(risk.sum(), w)
+        norms.append(torch.linalg.vector_norm(grad, dim=1).detach())
+    return torch.cat(norms).double().numpy()
+
+
+#: Where on each segment [w^H_j(k), w^S_k] the mean gradient is measured (0: the H end, 1: the S end).
+SEGMENT_POINTS = (0.0, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class TrajectoryMeasures:
+    """What the trajectory gap bound needs beyond the iterates (bound.trajectory_bound)."""
+
+    risks_s: np.ndarray  # (N,) R̂_{S,B}(w^S_k)
+    risks_h: np.ndarray  # (N,) R̂_{S,B}(w^H_j)
+    lipschitz_pop: float  # max of the mean-gradient norms on V along the segments
+
+
+def trajectory_measures(data, run, loss_clip: float) -> TrajectoryMeasures | None:
+    """Risks on S at every recorded iterate of both runs, and L_pop on V (independent of S) along
+    the segments from each S-iterate to its nearest H-iterate; None for sketched trajectories."""
+    fm = FlatModel(run.model, data.task)
+    if run.trajectories.shape[2] != fm.n_params:
+        return None
+    traj_s, traj_h = (run.trajectories[r].astype(np.float64) for r in (S_RUN, H_RUN))
+    train, val = _tensors(data.train, data.task), _tensors(data.val, data.task)
+    nearest, _ = bound.nearest_points(traj_s, traj_h)
+    # Each distinct segment once; t = 0 is an H-iterate, shared by the S-iterates paired with it.
+    pairs = sorted(set(zip(nearest.tolist(), range(len(traj_s)), strict=True)))
+    ends = traj_h[sorted(set(nearest.tolist()))]
+    inner = [traj_h[j] + t * (traj_s[k] - traj_h[j]) for j, k in pairs for t in SEGMENT_POINTS if t > 0]
+    points = np.concatenate([ends, np.asarray(inner)]) if inner else ends
+    with _one_thread():
+        risks = iterate_risks(fm, np.concatenate([traj_s, traj_h]), *train, loss_clip)
+        grads = mean_gradient_norms(fm, points, *val, loss_clip)
+    n = len(traj_s)
+    return TrajectoryMeasures(risks[:n], risks[n:], float(np.max(grads)))
+
+
+def heldout(cfg, data, run, delta: float) -> Measurements:
+    """The held-out certificate (DESIGN.md §2): the errors on H of the final S-model and of every
+    recorded S-iterate (the S-run never trains on H), turned into kl-inverse binomial bounds with the
+    configuration's held-out share ``delta`` of δ_λ."""
+    out = Measurements()
+    fm = FlatModel(run.model, data.task)
+    x, y = _tensors(data.reference, data.task)
+    with _one_thread():
+        if run.trajectories.shape[2] == fm.n_params:
+            errors = iterate_errors(fm, run.trajectories[S_RUN], x, y, cfg.bound.loss_clip)
+        else:  # sketched: only the final model is at hand
+            with torch.no_grad():
+                errors = _bounded_error(run.model(x), y, data.task, cfg.bound.loss_clip).double().mean()
+            errors = errors.reshape(1).numpy()
+    last, every = bound.heldout_certificate(errors, len(y), delta)
+    out.metrics["certificate/heldout_error"] = last
+    out.metrics["certificate/heldout_measured"] = float(errors[-1])
+    out.tags |= {f"hsgd.assumption.{k}": v for k, v in bound.heldout.assumptions().items()}
+    if errors.size > 1:
+        out.metrics["certificate/heldout_error_max"] = every
+    out.tags["hsgd.assumption.certificate/heldout_measured"] = "measured: mean error of the S-model on H"
+    return out
+
+
+class _one_thread:
+    """Many small tensor ops: one thread avoids the spin-waiting that costs several times more CPU
+    when the machine is shared; restored on exit."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,11 +419,14 @@ def full_gradient(fm: FlatModel, w: torch.Tensor, x: torch.Tensor, y: torch.Tens
 def gradient_noise(
     fm: FlatModel, w: np.ndarray, x: torch.Tensor, y: torch.Tensor, batch_size: int, draws: int, seed: int
 ) -> np.ndarray:
-    """(draws, p) minibatch gradient minus full-batch gradient on S at w (minibatches without
-    replacement, the trial's batch size): the SGD noise whose tail index α̂ measures."""
+    """(draws, p) minibatch gradient minus full-batch gradient on S at w, the trial's batch size: the
+    SGD noise whose tail index α̂ measures. Each minibatch is drawn from a fresh permutation, so the
+    draws are independent: consecutive batches of one epoch would partition S, and their noises
+    (summed in α̂'s blocks) would cancel, pushing α̂ towards 2."""
     w_t = torch.as_tensor(w, dtype=torch.float32)
     full = full_gradient(fm, w_t, x, y)
-    positions = np.stack(list(minibatch_positions(len(y), batch_size, draws, seed)))  # (draws, b)
+    rng = np.random.default_rng(seed)
+    positions = np.stack([rng.permutation(len(y))[:batch_size] for _ in range(draws)])  # (draws, b)
     batch_grads = torch.stack([full_gradient(fm, w_t, x[pos], y[pos]) for pos in torch.as_tensor(positions)])
     return (batch_grads - full).double().numpy()
 
@@ -348,7 +487,7 @@ def _checkpoints(n_points: int, count: int) -> list[int]:
     return sorted(set(picks.tolist()))
 
 
-def measure(cfg, data, settings, run, trajectory, delta_certificate: float) -> Measurements:
+def measure(cfg, data, settings, run, trajectory, deltas: dict[str, float]) -> Measurements:
     """Certificate, tail index and analytic bounds of one trained trial.
 
     Args:
@@ -357,7 +496,7 @@ def measure(cfg, data, settings, run, trajectory, delta_certificate: float) -> M
         settings: the trial's TrainSettings.
         run: the TwinRun (full trajectories (2, N, p) and the S-run's final model).
         trajectory: the trial's bound.TrajectoryBound (L̂ and C, to flag vacuous distance bounds).
-        delta_certificate: the certificate's share of δ_t.
+        deltas: each statement's share of δ_λ (grid.statement_deltas): ``pacbayes``, ``perturbed``.
     """
     out = Measurements()
     fm = FlatModel(run.model, data.task)
@@ -365,27 +504,22 @@ def measure(cfg, data, settings, run, trajectory, delta_certificate: float) -> M
         out.tags["hsgd.diagnostics"] = "skipped: trajectories are sketched, the weights were not kept"
         return out
     train = _tensors(data.train, data.task)
-    threads = torch.get_num_threads()
-    # Many small tensor ops: one thread avoids the spin-waiting that costs several times more CPU
-    # when the machine is shared; restored below.
-    torch.set_num_threads(1)
-    try:
-        _measure_all(out, cfg, data, settings, run, fm, train, trajectory, delta_certificate)
-    finally:
-        torch.set_num_threads(threads)
+    with _one_thread():
+        _measure_all(out, cfg, data, settings, run, fm, train, trajectory, deltas)
     return out
 
 
-def _measure_all(out, cfg, data, settings, run, fm, train, trajectory, delta_certificate) -> None:
+def _measure_all(out, cfg, data, settings, run, fm, train, trajectory, deltas) -> None:
     for name, enabled, step in (
         ("certificate", cfg.certificate.enabled, _certificate),
+        ("perturbed", cfg.certificate.enabled, _perturbed),
         ("tail", cfg.diagnostics.tail_index, _tail),
         ("analytic", cfg.diagnostics.analytic, _analytic),
         ("fractal", cfg.diagnostics.fractal, _fractal),
     ):
         if enabled:
             started = time.perf_counter()
-            step(out, cfg, data, settings, run, fm, train, trajectory, delta_certificate)
+            step(out, cfg, data, settings, run, fm, train, trajectory, deltas)
             out.seconds[name] = time.perf_counter() - started
 
 
@@ -400,7 +534,8 @@ def trivial_error(task: str, n_outputs: int) -> float:
     return 1.0 - 1.0 / n_outputs if task == "classification" else 1.0
 
 
-def _certificate(out, cfg, data, settings, run, fm, train, trajectory, delta_c) -> None:
+def _certificate(out, cfg, data, settings, run, fm, train, trajectory, deltas) -> None:
+    delta_c = deltas["pacbayes"]
     x, y = train
     grid = len(PRIOR_STD_GRID)
     ws, wh = (run.trajectories[r, -1].astype(np.float64) for r in (S_RUN, H_RUN))
@@ -414,7 +549,7 @@ def _certificate(out, cfg, data, settings, run, fm, train, trajectory, delta_c) 
         steps=cfg.certificate.steps,
         delta=delta_c / 2 / grid,
         loss_clip=cfg.bound.loss_clip,
-        seed=settings.seed,
+        seed=derived_seed(settings, "pacbayes/fit"),
     )
     errors = pointwise_draw_errors(
         fm,
@@ -424,7 +559,7 @@ def _certificate(out, cfg, data, settings, run, fm, train, trajectory, delta_c) 
         y,
         cfg.certificate.mc_draws,
         cfg.bound.loss_clip,
-        settings.seed + 1,
+        derived_seed(settings, "pacbayes/monte-carlo"),
     )
     cert = bound.certificate(
         float(errors.mean()), errors.size, posterior.kl, len(y), delta_c, posterior.prior_std, grid
@@ -440,7 +575,69 @@ def _certificate(out, cfg, data, settings, run, fm, train, trajectory, delta_c) 
     out.tags["hsgd.vacuous.certificate"] = str(cert.bound >= min(trivial, 0.5)).lower()
 
 
-def _tail(out, cfg, data, settings, run, fm, train, trajectory, delta_c) -> None:
+#: Examples of S and weight draws per σ of the pilot Monte Carlo that picks σ_k (then fresh draws certify).
+_PILOT_EXAMPLES, _PILOT_DRAWS = 256, 2
+
+
+def choose_sigma(fm, w: np.ndarray, distance: float, x, y, n: int, delta: float, loss_clip: float, seed: int):
+    """σ of the grid with the smallest pilot bound for ``Q = N(w, σ²I)`` with KL ``distance²/(2σ²)``.
+
+    Any choice is allowed (the certificate pays a union bound over the grid); the pilot's draws are
+    not reused by the certified Monte Carlo. The same standard-normal draws are scaled by every σ,
+    so the comparison between grid points is not blurred by independent noise."""
+    confidence = math.log(2.0 * math.sqrt(n) / delta)
+    sigmas = [s for s in PRIOR_STD_GRID if (distance**2 / (2 * s * s) + confidence) / n < 1.0]
+    if not sigmas:  # the KL alone makes every bound trivial: report the least KL
+        return float(PRIOR_STD_GRID[-1])
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(y), generator=gen)[:_PILOT_EXAMPLES]
+    w_t = torch.as_tensor(w, dtype=torch.float32)
+    noise = torch.randn(_PILOT_DRAWS, len(w_t), generator=gen)  # (m, p)
+    scales = torch.as_tensor(sigmas, dtype=torch.float32)[:, None, None]  # (G, 1, 1)
+    weights = (w_t + scales * noise).reshape(-1, len(w_t))  # (G·m, p)
+    with torch.no_grad():
+        err = _bounded_error(fm.forward_many(weights, x[idx]), y[idx], fm.task, loss_clip).mean(dim=1)
+    err = err.view(len(sigmas), _PILOT_DRAWS).mean(dim=1).double().numpy()
+    pilot = [
+        bound.pac_bayes_kl_bound(float(e), distance**2 / (2 * s * s), n, delta)
+        for e, s in zip(err, sigmas, strict=True)
+    ]
+    return float(sigmas[int(np.argmin(pilot))])
+
+
+def _perturbed(out, cfg, data, settings, run, fm, train, trajectory, deltas) -> None:
+    """The perturbed-dynamics certificate at every recorded step (bound/perturbed.py): σ_k by a
+    pilot, then one fresh weight draw per example of S (n independent terms) for ê_{Q_k}."""
+    x, y = train
+    delta = deltas["perturbed"]
+    traj_s, traj_h = (run.trajectories[r].astype(np.float64) for r in (S_RUN, H_RUN))
+    steps, grid = len(traj_s), len(PRIOR_STD_GRID)
+    distances = np.linalg.norm(traj_s - traj_h, axis=1)
+    delta_pb = delta / 2.0 / (steps * grid)
+    sigmas, errors = np.empty(steps), np.empty(steps)
+    for k in range(steps):
+        seed = derived_seed(settings, f"perturbed/{k}")
+        sigmas[k] = choose_sigma(
+            fm, traj_s[k], distances[k], x, y, len(y), delta_pb, cfg.bound.loss_clip, seed
+        )
+        draws = pointwise_draw_errors(
+            fm, traj_s[k], np.full(len(traj_s[k]), sigmas[k]), x, y, 1, cfg.bound.loss_clip, seed + 1
+        )
+        errors[k] = float(draws.mean())
+    bounds = bound.perturbed_bounds(errors, len(y), distances, sigmas, len(y), grid, delta)
+    out.metrics.update(
+        {
+            "certificate/perturbed_bound": float(bounds[-1]),
+            "certificate/perturbed_bound_max": float(bounds.max()),
+            "certificate/perturbed_sigma": float(sigmas[-1]),
+            "certificate/perturbed_kl": float(distances[-1] ** 2 / (2 * sigmas[-1] ** 2)),
+            "certificate/perturbed_mc_error": float(errors[-1]),
+        }
+    )
+    out.tags |= {f"hsgd.assumption.{k}": v for k, v in bound.perturbed.assumptions().items()}
+
+
+def _tail(out, cfg, data, settings, run, fm, train, trajectory, deltas) -> None:
     x, y = train
     if settings.batch_size >= len(y):
         out.tags["hsgd.assumption.tail/alpha"] = "not measured: full-batch steps have no gradient noise"
@@ -454,14 +651,15 @@ def _tail(out, cfg, data, settings, run, fm, train, trajectory, delta_c) -> None
             y,
             settings.batch_size,
             cfg.diagnostics.noise_draws,
-            settings.seed + k,
+            derived_seed(settings, f"tail/{k}"),
         )
         alphas[int(run.record_steps[k])] = bound.tail_index(noise, center=False)  # centred by construction
     out.metrics["tail/alpha"] = float(np.median(list(alphas.values())))
     out.metrics["tail/alpha_min"] = float(min(alphas.values()))
     out.metrics.update({f"tail/alpha_step_{step}": a for step, a in alphas.items()})
     out.tags["hsgd.assumption.tail/alpha"] = (
-        "estimated: Mohammadi et al. (2015) block estimator on minibatch-minus-full gradients on S at "
+        "estimated: Mohammadi et al. (2015) block estimator on minibatch-minus-full gradients on S "
+        "(independent minibatches, a fresh permutation each) at "
         f"{len(alphas)} recorded S-run iterates, median over block sizes, clipped to (0, 2]"
     )
 
@@ -470,12 +668,13 @@ def _tail(out, cfg, data, settings, run, fm, train, trajectory, delta_c) -> None
 _LOG_CAP = 1e30
 
 
-def _analytic(out, cfg, data, settings, run, fm, train, trajectory, delta_c) -> None:
+def _analytic(out, cfg, data, settings, run, fm, train, trajectory, deltas) -> None:
     reference = _tensors(data.reference, data.task)
     traj_h = run.trajectories[H_RUN]
     checks = _checkpoints(traj_h.shape[0], cfg.diagnostics.checkpoints)
     smooth = max(
-        top_hessian_eigenvalue(fm, traj_h[k], *train, iterations=8, seed=settings.seed) for k in checks
+        top_hessian_eigenvalue(fm, traj_h[k], *train, iterations=8, seed=derived_seed(settings, "hessian"))
+        for k in checks
     )
     smooth += settings.weight_decay
     mismatch = float(gradient_mismatch(fm, traj_h, train, reference).max())
@@ -489,7 +688,9 @@ def _analytic(out, cfg, data, settings, run, fm, train, trajectory, delta_c) -> 
     out.metrics["analytic/measured_distance"] = float(trajectory.synchronous_distance)
     for name, value in bounds.items():
         out.metrics[f"analytic/{name}"] = min(value, _LOG_CAP)
-        useless = trajectory.complexity + 2 * trajectory.lipschitz * value > trajectory.loss_clip
+        useless = trajectory.complexity + trajectory.lipschitz_pop * value > trajectory.loss_clip
+        if not math.isfinite(trajectory.lipschitz_pop):  # sketched: only the uniform form
+            useless = trajectory.complexity + 2 * trajectory.lipschitz * value > trajectory.loss_clip
         out.tags[f"hsgd.vacuous.analytic/{name}"] = str(bool(useless)).lower()
     scope = "momentum makes them inapplicable; " if settings.momentum else ""
     out.tags["hsgd.assumption.analytic"] = (
@@ -499,7 +700,7 @@ def _analytic(out, cfg, data, settings, run, fm, train, trajectory, delta_c) -> 
     )
 
 
-def _fractal(out, cfg, data, settings, run, fm, train, trajectory, delta_c) -> None:
+def _fractal(out, cfg, data, settings, run, fm, train, trajectory, deltas) -> None:
     """Covering / dimension complexity of W^H in place of ln N, on the trajectory bound's δ share."""
     from hsgd_tune.bound import fractal
 
@@ -513,7 +714,7 @@ def _fractal(out, cfg, data, settings, run, fm, train, trajectory, delta_c) -> N
         trajectory.lipschitz,
         trajectory.loss_clip,
         trajectory.n_train,
-        trajectory.delta_trial,
+        trajectory.delta,
         grid,
     )
     covering, _ = fractal.covering_complexity(*args)

@@ -7,14 +7,13 @@ the empirical and the reference run in one batched pass (stacked weights) instea
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from hsgd_tune.config import ModelConfig
+from hsgd_tune.config import ModelConfig, import_entry_point
 from hsgd_tune.errors import ConfigError
 
 
@@ -86,8 +85,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 def _call_entry_point(spec: ModelSpec) -> nn.Module:
-    module_name, _, attr = spec.entry_point.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
+    factory = import_entry_point(spec.entry_point)  # a failing user module: one ConfigError
     model = factory(spec.n_features, spec.n_outputs, **dict(spec.kwargs))
     if not isinstance(model, nn.Module):
         raise ConfigError(

@@ -6,11 +6,12 @@ reused by ``train`` commands, benchmarks and tests; :class:`Objective` wraps it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,13 @@ import numpy as np
 import optuna
 import torch
 
+from hsgd_tune import grid
 from hsgd_tune.bound import TrajectoryBound, trajectory_bound
 from hsgd_tune.config import NOISE_KNOBS, TRAINING_KNOBS, StudyConfig
 from hsgd_tune.data import Dataset
-from hsgd_tune.diagnostics import Measurements, measure
-from hsgd_tune.errors import DivergedError
+from hsgd_tune.diagnostics import Measurements, heldout, measure, trajectory_measures
+from hsgd_tune.errors import ConfigError, DivergedError
+from hsgd_tune.heldout import HeldOut, heldout_estimates
 from hsgd_tune.models import ModelSpec, model_spec
 from hsgd_tune.sketch import sketch_assumptions
 from hsgd_tune.study import FAIL_REASON, sample_params, worker_identity
@@ -38,6 +41,9 @@ class TrialOutcome:
     run: TwinRun
     bound: TrajectoryBound
     measured: Measurements | None = None  # certificate/…, tail/…, analytic/… (diagnostics.py)
+    certified_heldout: Measurements | None = None  # certificate/heldout_… (every trial)
+    deltas: dict[str, float] = field(default_factory=dict)  # each statement's share of δ_λ
+    heldout: HeldOut | None = None  # val/…_se, heldout/…, crossfit/… estimates (heldout.py)
 
     def metrics(self) -> dict[str, float]:
         """Final metrics, every bound term and timings, namespaced (``val/loss``, ``bound/…``)."""
@@ -51,8 +57,13 @@ class TrialOutcome:
         if self.measured is not None:
             timings = {f"time/{k}_s": v for k, v in self.measured.seconds.items()}
             measured = {**self.measured.metrics, **timings}
+        if self.certified_heldout is not None:
+            measured |= self.certified_heldout.metrics
+        measured |= {f"bound/delta_{k}": v for k, v in self.deltas.items()}
+        estimates = self.heldout.metrics() if self.heldout is not None else {}
         return {
             **self.run.final,
+            **estimates,
             **self.bound.metrics(),
             **seconds,
             **sizes,
@@ -67,10 +78,16 @@ class TrialOutcome:
             "risk_bound": self.bound.risk_bound,
             "gap_bound": self.bound.gap_bound,
             "decoupling_distance": self.bound.decoupling_distance,
+            "heldout_loss": self._estimate("heldout/loss"),
+            "crossfit_loss": self._estimate("crossfit/loss"),
             "certificate": self.measured.metrics.get("certificate/bound", math.nan)
             if self.measured
             else math.nan,
         }[name]
+
+    def _estimate(self, key: str) -> float:
+        """A held-out estimate, NaN when it was not computed (a NaN objective fails the trial)."""
+        return self.heldout.metrics().get(key, math.nan) if self.heldout is not None else math.nan
 
     def tags(self) -> dict[str, str]:
         """The assumption behind each bound term, and whether the trial is inside the theory."""
@@ -81,10 +98,22 @@ class TrialOutcome:
         outside = self.settings.outside_theory
         tags["hsgd.theory"] = "outside: " + ", ".join(outside) if outside else "plain SGD (inside)"
         tags["hsgd.vacuous.risk_bound"] = str(self.bound.risk_bound_vacuous).lower()
+        if self.certified_heldout is not None:
+            tags |= self.certified_heldout.tags
+        if self.heldout is not None:
+            tags |= self.heldout.tags()
         if self.measured is not None:
             tags |= self.measured.tags
-            tags["hsgd.delta_split"] = "δ_t/2 for the trajectory bound, δ_t/2 for the certificate"
+        tags["hsgd.delta_split"] = DELTA_SPLIT
         return tags
+
+
+#: How a configuration's δ_λ is spent (grid.py); logged with every trial.
+DELTA_SPLIT = (
+    "δ_λ = δ·π(λ), π uniform over the configuration grid Λ (a union over configurations, not trials); "
+    "split equally among the configuration's statements: trajectory bound, held-out certificate, and "
+    "with [certificate] enabled the perturbed and PAC-Bayes certificates (bound/delta_<statement>)"
+)
 
 
 def config_params(cfg: StudyConfig) -> dict[str, Any]:
@@ -139,13 +168,10 @@ def train_settings(cfg: StudyConfig, params: dict[str, Any]) -> TrainSettings:
     )
 
 
-def certificate_delta(cfg: StudyConfig, max_trials: int) -> float:
-    """The certificate's share of δ_t = δ / max_trials: half (the trajectory bound takes the other)."""
-    return cfg.bound.delta / max_trials / 2
-
-
-def trial_bound(cfg: StudyConfig, data: Dataset, run: TwinRun, max_trials: int) -> TrajectoryBound:
-    """The trajectory bound of a trained twin (DESIGN.md §2), on the recorded arrays."""
+def trial_bound(cfg: StudyConfig, data: Dataset, run: TwinRun) -> TrajectoryBound:
+    """The trajectory bound of a trained twin (DESIGN.md §2), on the recorded arrays and the risks
+    along them, with the configuration's trajectory share of δ_λ (grid.py)."""
+    along = trajectory_measures(data, run, cfg.bound.loss_clip)  # None: sketched iterates
     return trajectory_bound(
         run.trajectories[S_RUN],
         run.trajectories[H_RUN],
@@ -153,31 +179,44 @@ def trial_bound(cfg: StudyConfig, data: Dataset, run: TwinRun, max_trials: int) 
         train_risk_clipped=run.final["train/loss_clipped"],
         n_train=len(data.train.y),
         loss_clip=cfg.bound.loss_clip,
-        # With the certificate on, δ_t is split in half between the two statements (union bound).
-        delta=cfg.bound.delta / 2 if cfg.certificate.enabled else cfg.bound.delta,
-        max_trials=max_trials,
+        delta=grid.statement_deltas(cfg)["trajectory"],
+        risks_s=along.risks_s if along else None,
+        risks_h=along.risks_h if along else None,
+        lipschitz_pop=along.lipschitz_pop if along else None,
     )
 
 
-def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any], max_trials: int) -> TrialOutcome:
-    """Train both runs with ``params`` and compute the trajectory bound (DESIGN.md §2); the
-    certificate and diagnostics too when the study asks for them in every trial (else certify.py)."""
+def evaluate(cfg: StudyConfig, data: Dataset, params: dict[str, Any]) -> TrialOutcome:
+    """Train both runs with ``params`` (a configuration of the grid Λ) and compute the trajectory
+    bound and the held-out certificate (DESIGN.md §2); the other certificates and diagnostics too
+    when the study asks for them in every trial (else certify.py)."""
     settings = train_settings(cfg, params)
     trainer_knobs = ("learning_rate", "batch_size", *TRAINING_KNOBS, *NOISE_KNOBS)
     model_knobs = {k: v for k, v in params.items() if k not in trainer_knobs}
     spec = model_spec(cfg.model, data.n_features, data.n_outputs, model_knobs)
     run = train_twin(data, spec, settings)
+    deltas = grid.statement_deltas(cfg)
     started = time.perf_counter()
-    bound = trial_bound(cfg, data, run, max_trials)
+    bound = trial_bound(cfg, data, run)
     run.seconds["bound"] = time.perf_counter() - started
+    started = time.perf_counter()
+    held = heldout(cfg, data, run, deltas["heldout"])
+    run.seconds["heldout"] = time.perf_counter() - started
     measured = None
     if cfg.diagnose_every_trial:
         started = time.perf_counter()
-        measured = measure(
-            cfg, data, settings, run, bound, delta_certificate=certificate_delta(cfg, max_trials)
-        )
+        measured = measure(cfg, data, settings, run, bound, deltas)
         run.seconds["diagnostics"] = time.perf_counter() - started
-    outcome = TrialOutcome(params, settings, spec, run, bound, measured)
+    started = time.perf_counter()
+    estimates = heldout_estimates(data, run)
+    run.seconds["heldout_estimates"] = time.perf_counter() - started
+    if "crossfit_loss" in cfg.objectives and "crossfit" in estimates.skipped:  # every trial would fail
+        raise ConfigError(
+            "objectives.minimize",
+            f"cannot use crossfit_loss: {estimates.skipped['crossfit']}",
+            "crossfit_loss",
+        )
+    outcome = TrialOutcome(params, settings, spec, run, bound, measured, held, deltas, estimates)
     for name in cfg.objectives:
         if not math.isfinite(outcome.objective(name)):
             raise DivergedError(f"objective {name} is {outcome.objective(name)}", settings.steps)
@@ -205,6 +244,9 @@ def write_artifacts(outcome: TrialOutcome, folder: Path) -> None:
     )
 
 
+#: Held-out estimates kept in the Optuna trial too, with their standard errors (rank's rules use them).
+RANK_ESTIMATES = ("val/loss_se", "heldout/loss", "heldout/loss_se", "crossfit/loss", "crossfit/loss_se")
+
 #: Diagnostics kept in the Optuna trial too when measured inside it (report.py draws a heatmap of α̂;
 #: the certificate is read from MLflow, where certificates computed after the study also are).
 SUMMARY_MEASURES = ("tail/alpha",)
@@ -220,10 +262,9 @@ class Objective:
         tracker: Tracker,
         experiment_id: str,
         parent_id: str,
-        max_trials: int,
     ):
         self.cfg, self.data, self.tracker = cfg, data, tracker
-        self.experiment_id, self.parent_id, self.max_trials = experiment_id, parent_id, max_trials
+        self.experiment_id, self.parent_id = experiment_id, parent_id
         self.fixed_params = {f"config.{k}": v for k, v in config_params(cfg).items()}
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
@@ -234,7 +275,7 @@ class Objective:
         )
         trial.set_user_attr("mlflow_run_id", run_id)
         try:
-            outcome = evaluate(self.cfg, self.data, params, self.max_trials)
+            outcome = evaluate(self.cfg, self.data, params)
         except DivergedError as exc:
             trial.set_user_attr(FAIL_REASON, str(exc))
             self.tracker.finish_trial(run_id, "FAIL", tags={"hsgd.fail_reason": str(exc)})
@@ -244,7 +285,12 @@ class Objective:
                 run_id, "FAIL", tags={"hsgd.fail_reason": f"{type(exc).__name__}: {exc}"[:500]}
             )
             raise
-        self._log(trial, run_id, outcome)
+        try:
+            self._log(trial, run_id, outcome)
+        except BaseException as exc:  # a full disk, a read-only store: the run must not stay RUNNING
+            with contextlib.suppress(Exception):  # best effort: the store may refuse this too
+                self.tracker.finish_trial(run_id, "FAIL", tags={"hsgd.fail_reason": f"logging failed: {exc}"})
+            raise
         return tuple(outcome.objective(name) for name in self.cfg.objectives)
 
     def _log(self, trial: optuna.Trial, run_id: str, outcome: TrialOutcome) -> None:
@@ -253,6 +299,10 @@ class Objective:
             trial.set_user_attr(key, value)
         for key in ("val/loss", "val/error", "train/loss"):
             trial.set_user_attr(key, outcome.run.final[key])
+        estimates = outcome.heldout.metrics() if outcome.heldout is not None else {}
+        for key in RANK_ESTIMATES:  # for rank's rules; the errors go to MLflow only (fewer writes)
+            if key in estimates:
+                trial.set_user_attr(key, estimates[key])
         measured = outcome.measured.metrics if outcome.measured is not None else {}
         for key in SUMMARY_MEASURES:  # for rank and report, when the trial measured them itself
             if math.isfinite(measured.get(key, math.nan)):

@@ -12,6 +12,7 @@ tables and arrays and write one PNG each.
 from __future__ import annotations
 
 import html
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from hsgd_tune import report_page as rp  # noqa: E402
 from hsgd_tune.config import StudyConfig  # noqa: E402
 from hsgd_tune.correlation import granulated_kendall, kendall_tau  # noqa: E402
+from hsgd_tune.errors import ConfigError  # noqa: E402
 from hsgd_tune.ranking import CERTIFICATE, METRIC_ATTRS, Ranking, markdown_table, rule_text  # noqa: E402
 from hsgd_tune.tracking import Tracker  # noqa: E402
 
@@ -364,27 +366,94 @@ PLOTS = {
 }
 
 
+#: Written last into every report folder: the files the tool wrote there. A folder without it, or
+#: holding anything else, is not (only) a report, and is never replaced.
+REPORT_MARKER = ".hsgd-report"
+
+
 def write_report(
-    ranking: Ranking, cfg: StudyConfig, tracker: Tracker, out: Path, log_to_mlflow: bool = True
+    ranking: Ranking,
+    cfg: StudyConfig,
+    tracker: Tracker,
+    out: Path,
+    log_to_mlflow: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Write the plots and ``index.html`` to ``out`` (replaced whole), log them to the study's
-    parent run under ``report/``, and return the page's path. Everything is read first, so a
+    """Write the plots and ``index.html`` to ``out``, log them to the study's parent run under
+    ``report/``, and return the page's path.
+
+    Nothing the tool did not write is ever deleted: the report is drawn in a fresh folder next to
+    ``out`` and renamed into place; an earlier report there (its marker lists every file in it) is
+    replaced whole; any other existing folder is refused, unless ``force``, and then the report's
+    files are written into it, beside what is there. Everything is read and checked first, so a
     failure leaves ``out`` as it was."""
+    out = Path(os.path.abspath(out))  # '.' and '..' resolved, so the folder has a name and a parent
+    replace = _check_report_folder(out, force)
     records = read_records(ranking, tracker)
     corr = correlations(records.metrics)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        folder = Path(tmp)
-        heatmaps = _draw(ranking, records, folder)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    except OSError as exc:
+        raise ConfigError("--out", f"must be a folder we can write in ({exc.strerror})", str(out)) from None
+    try:
+        heatmaps = _draw(ranking, records, staging)
         page = _page(ranking, cfg, records, corr, heatmaps)
-        (folder / "index.html").write_text(page, encoding="utf-8")
-        (folder / "ranking.md").write_text(markdown_table(ranking.table) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(folder, out)
-    if log_to_mlflow:
-        _log(ranking, tracker, out)
+        (staging / "index.html").write_text(page, encoding="utf-8")
+        (staging / "ranking.md").write_text(markdown_table(ranking.table) + "\n", encoding="utf-8")
+        if log_to_mlflow:
+            _log(ranking, tracker, staging)
+        names = sorted(p.name for p in staging.iterdir())
+        (staging / REPORT_MARKER).write_text(json.dumps({"files": names}) + "\n", encoding="utf-8")
+        _place(staging, out, replace)
+    finally:
+        if staging.exists():  # only ever our own staging folder
+            shutil.rmtree(staging, ignore_errors=True)
     return out / "index.html"
+
+
+def _check_report_folder(out: Path, force: bool) -> str:
+    """How to put a report at ``out``: "new" (nothing there), "replace" (an earlier report, every file
+    in it ours) or "into" (another folder, with ``force``); refuse anything else."""
+    if not out.exists() and not out.is_symlink():
+        return "new"
+    if not out.is_dir() or out.is_symlink():
+        raise ConfigError("--out", "must be a folder (it is a file or a link)", str(out))
+    if _is_report(out):
+        return "replace"
+    if not force:
+        raise ConfigError(
+            "--out",
+            "is an existing folder that is not a report of this tool; choose another folder, or pass "
+            "--force to write the report's files into it (nothing in it is deleted)",
+            str(out),
+        )
+    return "into"  # with --force the files are written beside what is there: nothing is deleted
+
+
+def _is_report(folder: Path) -> bool:
+    """The marker is there and lists every file in the folder (and nothing else was added)."""
+    try:
+        listed = set(json.loads((folder / REPORT_MARKER).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    present = {p.name for p in folder.iterdir()} - {REPORT_MARKER}
+    return present <= listed and all((folder / n).is_file() for n in present)
+
+
+def _place(staging: Path, out: Path, how: str) -> None:
+    if how == "new":
+        staging.rename(out)
+    elif how == "replace":  # swap, then delete the old report (every file in it is ours)
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
+        old.rmdir()
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:  # "into" (--force): our files beside the folder's own; the marker is not ours to leave there
+        for item in staging.iterdir():
+            if item.name != REPORT_MARKER:
+                shutil.copy2(item, out / item.name)
 
 
 def _draw(ranking: Ranking, records: StudyRecords, folder: Path) -> dict[str, str]:

@@ -13,6 +13,7 @@ import secrets
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,19 +25,19 @@ from hsgd_tune.certify import certify_front
 from hsgd_tune.config import StudyConfig
 from hsgd_tune.data import Dataset, load_dataset
 from hsgd_tune.errors import ConfigError, HsgdError
-from hsgd_tune.models import model_spec
+from hsgd_tune.model_check import check_model
 from hsgd_tune.objective import Objective, config_params
 from hsgd_tune.progress import listening
 from hsgd_tune.study import (
     FAIL_REASON,
     create_or_resume,
+    find_study,
     lookup_study,
     open_storage,
     storage_description,
     trials_done,
 )
-from hsgd_tune.tracking import Tracker
-from hsgd_tune.training import initial_model
+from hsgd_tune.tracking import Tracker, check_tracking_uri, tracking_uri
 from hsgd_tune.worker import (
     StudyLock,
     WorkerOptions,
@@ -61,7 +62,10 @@ class RunSummary:
 def prepare(cfg: StudyConfig) -> Dataset:
     """Load the data and build the model once; every failure names the study file."""
     try:
-        data = load_dataset(cfg.data, cfg.seed)
+        try:
+            data = load_dataset(cfg.data, cfg.seed)
+        except MemoryError:
+            raise ConfigError("data", "must fit in memory (lower the split sizes)", cfg.data.source) from None
         largest_batch = max(_knob_values(cfg.search.batch_size))
         if largest_batch > len(data.train.y):
             raise ConfigError(
@@ -69,19 +73,30 @@ def prepare(cfg: StudyConfig) -> Dataset:
                 f"must not exceed the {len(data.train.y)} training examples",
                 largest_batch,
             )
-        try:
-            initial_model(model_spec(cfg.model, data.n_features, data.n_outputs, {}), cfg.seed)
-        except ConfigError:
-            raise
-        except Exception as exc:  # the user's factory failed: say so in one line
-            raise ConfigError(
-                "model.entry_point",
-                f"must build a model ({type(exc).__name__}: {exc})",
-                cfg.model.entry_point,
-            ) from None
+        n_parameters = check_model(cfg, data)  # built, one batch forward and backward, output size
+        check_recording_memory(cfg, n_parameters)
     except ConfigError as exc:
         raise exc.in_file(cfg.source_file) if cfg.source_file else exc from None
     return data
+
+
+def check_recording_memory(cfg: StudyConfig, n_parameters: int) -> None:
+    """Both recorded trajectories must fit in this machine's memory (float32 iterates, or sketches)."""
+    t = cfg.training
+    width = n_parameters if n_parameters <= t.sketch_above else t.sketch_dim
+    needed = 2 * (t.steps // t.record_every + 2) * width * 4
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no limit known
+        return
+    if needed > memory:
+        raise ConfigError(
+            "training.record_every",
+            f"records {t.steps // t.record_every + 2} iterates of {width} numbers per run "
+            f"({needed / 2**30:.3g} GiB), more than this machine's {memory / 2**30:.3g} GiB; "
+            "record less often",
+            t.record_every,
+        )
 
 
 def _knob_values(knob) -> list:
@@ -99,31 +114,38 @@ def run_study(
     data = prepare(cfg)
     options = worker or WorkerOptions()
     # Both stores are checked before either is written to: a bad one leaves nothing behind.
+    uri = tracker.uri if tracker is not None else tracking_uri()
+    check_tracking_uri(uri)
+    check_tracking(uri)  # a server that is down: before the journal file is created
     storage = open_storage(cfg.run.storage, heartbeat=options.heartbeat)
     lock = StudyLock(storage, cfg.run.storage, cfg.name)
     with lock():  # one study, one experiment, one parent run, whatever the number of workers
         tracker = tracker or Tracker()  # creating a local MLflow database must not race either
-        check_tracking(tracker.uri)
-        experiment_id = tracker.experiment_id(cfg.experiment_name)
         entropy = secrets.randbits(63) if options.shared else None  # see WorkerOptions.shared
+        is_new = find_study(storage, cfg.name) is None
         study = create_or_resume(cfg, storage, entropy)
-        max_trials = study.user_attrs["max_trials"]
-        parent_id = open_parent_once(
-            study,
-            tracker,
-            experiment_id,
-            params=config_params(cfg),
-            tags={
-                "hsgd.fingerprint": cfg.fingerprint(),
-                "hsgd.storage": storage_description(cfg.run.storage),
-                "hsgd.objectives": ",".join(cfg.objectives),
-                "hsgd.max_trials": str(max_trials),
-                "hsgd.data": data.description,
-            },
-        )
+        try:
+            experiment_id = tracker.experiment_id(cfg.experiment_name)
+            parent_id = open_parent_once(
+                study,
+                tracker,
+                experiment_id,
+                params=config_params(cfg),
+                tags={
+                    "hsgd.fingerprint": cfg.fingerprint(),
+                    "hsgd.storage": storage_description(cfg.run.storage),
+                    "hsgd.objectives": ",".join(cfg.objectives),
+                    "hsgd.grid_size": str(study.user_attrs["grid_size"]),
+                    "hsgd.data": data.description,
+                },
+            )
+        except BaseException:
+            if is_new:  # made a moment ago, under the lock, by us: a failing MLflow store leaves no study
+                optuna.delete_study(study_name=cfg.name, storage=storage)
+            raise
     done_before = trials_done(study)
     remaining = max(cfg.run.n_trials - done_before, 0)
-    objective = Objective(cfg, data, tracker, experiment_id, parent_id, max_trials)
+    objective = Objective(cfg, data, tracker, experiment_id, parent_id)
     display = Progress(cfg, remaining, done_before, enabled=progress and not options.lines)
     on_trial = trial_line_printer(cfg, study) if options.lines else display.on_trial
     interrupted, ran = False, 0
@@ -144,8 +166,12 @@ def run_study(
         # [diagnostics] trials = "front": the trials skipped the certificate; the front gets it now.
         shown = options.lines or not progress  # worker lines, or nothing: no bar
         say, on_pending = (_say(progress, options), None) if shown else (display.say, display.certifying)
-        certify_front(study, cfg, tracker, data, lock, say=say, stop=options.stop, on_pending=on_pending)
-        display.close()
+        try:
+            certify_front(study, cfg, tracker, data, lock, say=say, stop=options.stop, on_pending=on_pending)
+        except HsgdError as exc:  # e.g. the trials' MLflow runs are gone: the trials themselves stand
+            warnings.warn(f"certificates after the study not computed: {exc}", stacklevel=1)
+        finally:
+            display.close()
     return RunSummary(cfg.name, ran, trials_done(study), cfg.run.n_trials, experiment_id, parent_id)
 
 

@@ -1,7 +1,9 @@
 """Optuna: storage, sampler, the search space, and creating or resuming a study.
 
-A study remembers what it was created with — the config's fingerprint and ``max_trials``, the number
-of trials δ is split over — so a resumed study keeps every trial's probability statement valid.
+A study remembers what it was created with — the config's fingerprint and |Λ|, the number of
+configurations δ is divided over (grid.py) — so a resumed or extended study keeps every trial's
+probability statement valid. Every sampled value is snapped to Λ before Optuna stores it, so the
+sampler sees the configuration that was trained, and a configuration evaluated twice is one statement.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from hsgd_tune import grid
 from hsgd_tune.config import Knob, StudyConfig
 from hsgd_tune.errors import ConfigError, StorageError
+from hsgd_tune.redact import redact
 
 DEFAULT_JOURNAL = Path("mlruns/optuna-journal.log")
 
@@ -29,7 +33,8 @@ FAIL_REASON = "fail_reason"
 
 
 def storage_description(url: str | None) -> str:
-    return url or f"journal file {DEFAULT_JOURNAL}"
+    """The storage as users may see it: where it is, never its password."""
+    return redact(url) or f"journal file {DEFAULT_JOURNAL}"
 
 
 def open_storage(url: str | None, heartbeat: int | None = None) -> BaseStorage:
@@ -44,7 +49,8 @@ def open_storage(url: str | None, heartbeat: int | None = None) -> BaseStorage:
 
         return open_database(url, heartbeat or HEARTBEAT_S)
     except Exception as exc:
-        raise StorageError(f"Optuna storage {url!r} cannot be used: {str(exc).splitlines()[0]}") from None
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise StorageError(f"Optuna storage {redact(url)!r} cannot be used: {redact(reason)}") from None
 
 
 def make_sampler(
@@ -57,12 +63,50 @@ def make_sampler(
     seed = int(np.random.SeedSequence(words).generate_state(1)[0])
     kind = cfg.sampler.kind
     if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "grid":
-        return _GridSampler(grid_space(cfg), seed=seed)
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        inner = optuna.samplers.RandomSampler(seed=seed)
+    elif kind == "grid":
+        inner = _GridSampler(grid_space(cfg), seed=seed)
+    elif kind == "nsga2":
+        inner = optuna.samplers.NSGAIISampler(seed=seed)
+    else:
+        inner = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    return SnappingSampler(inner, cfg)
+
+
+class SnappingSampler(optuna.samplers.BaseSampler):
+    """Any sampler, its proposals snapped to the configuration grid Λ before Optuna stores them.
+
+    The trial's stored params are then the configuration that is trained and certified, and the
+    inner sampler learns from those values (a learning rate proposed twice near one grid point is
+    the same configuration, not two)."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, cfg: StudyConfig):
+        self.inner = inner
+        self.knobs = {knob.name: knob for knob in cfg.search.all_knobs()}
+
+    def _snap(self, name: str, value: Any) -> Any:
+        knob = self.knobs.get(name)
+        return grid.snap(knob, value) if knob is not None else value
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        proposed = self.inner.sample_relative(study, trial, search_space)
+        return {name: self._snap(name, value) for name, value in proposed.items()}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        value = self.inner.sample_independent(study, trial, param_name, param_distribution)
+        return self._snap(param_name, value)
+
+    def before_trial(self, study, trial) -> None:
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
 
 
 class _GridSampler(optuna.samplers.GridSampler):
@@ -75,8 +119,14 @@ class _GridSampler(optuna.samplers.GridSampler):
 
 
 def grid_space(cfg: StudyConfig) -> dict[str, list[Any]]:
-    """The grid the grid sampler walks: choices as given, ranges as ``grid_points`` values."""
-    return {knob.name: _grid_values(knob, cfg.sampler.grid_points) for knob in cfg.search.all_knobs()}
+    """The grid the grid sampler walks: choices as given, ranges as ``grid_points`` values, each
+    snapped to Λ (a coarser sub-grid of it)."""
+    return {
+        knob.name: sorted({grid.snap(knob, v) for v in _grid_values(knob, cfg.sampler.grid_points)})
+        if knob.kind != "categorical"
+        else list(knob.choices)
+        for knob in cfg.search.all_knobs()
+    }
 
 
 def _grid_values(knob: Knob, points: int) -> list[Any]:
@@ -99,7 +149,11 @@ def suggest(trial: optuna.Trial, knob: Knob) -> Any:
 
 
 def sample_params(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
-    return {knob.name: suggest(trial, knob) for knob in cfg.search.all_knobs()}
+    """The trial's configuration λ, every value a point of Λ (a statement was paid for each; grid.py).
+
+    The study's :class:`SnappingSampler` proposes grid points already; snapping here again also
+    covers a trial enqueued by hand with values off the grid."""
+    return {knob.name: grid.snap(knob, suggest(trial, knob)) for knob in cfg.search.all_knobs()}
 
 
 def lookup_study(url: str | None, name: str) -> optuna.Study | None:
@@ -131,15 +185,37 @@ def create_or_resume(
         )
         if "fingerprint" not in study.user_attrs:
             study.set_user_attr("fingerprint", cfg.fingerprint())
-            study.set_user_attr("max_trials", cfg.max_trials)
+            study.set_user_attr("grid_size", cfg.grid_size)
             study.set_user_attr("objectives", list(cfg.objectives))
-            study.set_user_attr("config", json.dumps(cfg.to_dict()))
+            study.set_user_attr("config", json.dumps(stored_dict(cfg)))
     _check_resumable(cfg, study)
     study.sampler = make_sampler(cfg, len(study.trials), worker_entropy)
     return study
 
 
+def check_union_over_grid(study: optuna.Study, file: Path | None = None) -> None:
+    """Refuse a study made before the configuration-grid union: its δ was split over trial numbers
+    (``max_trials``), which an adaptive sampler invalidates, and its values are not on a grid."""
+    if "grid_size" not in study.user_attrs and "max_trials" in study.user_attrs:
+        raise ConfigError(
+            "name",
+            f"names a study made by an older hsgd-tune that split δ over max_trials = "
+            f"{study.user_attrs['max_trials']} trials (not valid under an adaptive sampler); it can be "
+            "ranked and reported but not run or certified: use a new name",
+            study.study_name,
+            file=file,
+        )
+
+
+def stored_dict(cfg: StudyConfig) -> dict[str, Any]:
+    """The config as the study keeps it: the storage URL without its password."""
+    raw = cfg.to_dict()
+    raw["run"]["storage"] = redact(raw["run"]["storage"])
+    return raw
+
+
 def _check_resumable(cfg: StudyConfig, study: optuna.Study) -> None:
+    check_union_over_grid(study, cfg.source_file)
     stored = study.user_attrs.get("fingerprint")
     if stored != cfg.fingerprint():
         raise ConfigError(
@@ -147,15 +223,6 @@ def _check_resumable(cfg: StudyConfig, study: optuna.Study) -> None:
             f"names an existing study made from another config (fingerprint {stored}); "
             "use a new name to change data, model, search, training, bound, objectives or sampler",
             cfg.name,
-            file=cfg.source_file,
-        )
-    max_trials = study.user_attrs["max_trials"]
-    if cfg.run.n_trials > max_trials:
-        raise ConfigError(
-            "run.n_trials",
-            f"must not exceed the study's max_trials = {max_trials}, which δ was split over when "
-            "it was created (set bound.max_trials in a new study to plan for more)",
-            cfg.run.n_trials,
             file=cfg.source_file,
         )
 

@@ -54,6 +54,7 @@ def _search_table(search: dict[str, Any], fixed: dict[str, Any]) -> dict[str, An
             entry = {"choices": list(knob["choices"])}
         else:
             entry = {"type": knob["kind"], "low": knob["low"], "high": knob["high"], "log": knob["log"]}
+            entry |= {k: knob[k] for k in ("points_per_decade", "grid_points") if knob.get(k) is not None}
         if name in ("learning_rate", "batch_size"):
             table[name] = entry
         else:

@@ -24,6 +24,7 @@ from mlflow.utils.validation import (
 )
 
 from hsgd_tune.errors import StorageError
+from hsgd_tune.redact import redact, split_credentials
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 LOCAL_ARTIFACT_ROOT = Path("mlruns/artifacts")
@@ -47,6 +48,51 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+#: Tracking-store URI schemes MLflow knows (before any ``+driver``); others fail at once, in one line.
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI that cannot work fails here, in one line, before any store is touched."""
+    scheme = uri.split("://")[0].split("+")[0].lower() if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise StorageError(
+            f"MLflow tracking store {redact(uri)} (MLFLOW_TRACKING_URI) cannot be used: unknown scheme "
+            f"{scheme!r} (use one of {', '.join(s for s in TRACKING_SCHEMES if s)})"
+        )
+    if scheme == "sqlite" and uri != DEFAULT_TRACKING_URI:  # the default's folder is ours to create
+        folder = Path(uri.split(":///", 1)[-1]).parent
+        if not folder.is_dir():
+            raise StorageError(
+                f"MLflow tracking store {redact(uri)} (MLFLOW_TRACKING_URI) cannot be used: "
+                f"its folder {folder} does not exist"
+            )
+
+
+def credentials_to_environment(uri: str) -> str:
+    """``http://user:pw@host`` → ``http://host``, with user and password handed to MLflow through
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (unless those are set already), so the
+    password is sent as HTTP basic auth and never shown, logged or stored with the URI."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    clean, user, password = split_credentials(uri)
+    if user is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+    if password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    return clean
+
+
+def filter_value(value: str) -> str:
+    """``value`` quoted for an MLflow filter string. MLflow's filter grammar has no escapes: a value
+    is quoted with whichever quote it does not hold (study names cannot hold ``"``, config.py)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise StorageError(f"MLflow cannot search for a value holding both kinds of quote: {value!r}")
+
+
 def trial_run_name(number: int) -> str:
     return f"trial-{number:04d}"
 
@@ -65,16 +111,30 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """The study's MLflow experiment and runs."""
 
-    def __init__(self, uri: str | None = None):
-        self.uri = uri or tracking_uri()
+    def __init__(self, uri: str | None = None, must_exist: bool = False):
+        """``must_exist``: the default local store must be there already (commands that read a
+        study's runs; MLflow would quietly create an empty database in place of a deleted one)."""
+        # The password goes to MLflow's own variables, not into self.uri, which messages show.
+        self.uri = credentials_to_environment(uri or tracking_uri())
         self.local = self.uri == DEFAULT_TRACKING_URI
+        database = LOCAL_ARTIFACT_ROOT.parent / "mlflow.db"
+        if self.local and must_exist and not database.exists():
+            raise StorageError(
+                f"the MLflow database {database} does not exist (deleted?): the study's runs are gone"
+            )
         if self.local:
             LOCAL_ARTIFACT_ROOT.mkdir(parents=True, exist_ok=True)
             # Pin the relative default to this directory: MLflow caches stores (and their open
             # SQLite connections) by URI, so after a chdir a relative URI would still write to the
             # first directory's database while Optuna's journal follows the new directory.
             self.uri = f"sqlite:///{LOCAL_ARTIFACT_ROOT.parent.resolve() / 'mlflow.db'}"
-        self.client = MlflowClient(self.uri)
+        check_tracking_uri(self.uri)
+        try:
+            self.client = MlflowClient(self.uri)
+        except Exception as exc:
+            raise StorageError(
+                f"MLflow tracking store {self.uri} cannot be used: {_first_line(exc)}"
+            ) from None
         # MLflow announces creating and migrating its database at INFO; users need not see it.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
@@ -102,7 +162,7 @@ class Tracker:
     def parent_run_id(self, experiment_id: str, study: str) -> str | None:
         runs = self.client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'",
+            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = {filter_value(study)}",
             order_by=["attributes.start_time ASC"],
             max_results=1,
         )
@@ -170,7 +230,7 @@ class Tracker:
         while True:
             page = self.client.search_runs(
                 [experiment_id],
-                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
+                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = {filter_value(study)}",
                 max_results=1000,
                 page_token=token,
             )
@@ -179,6 +239,27 @@ class Tracker:
             if not token:
                 break
         return {int(r.data.tags[TRIAL_TAG]): r for r in runs}
+
+    # -- runs of their own and the model registry (pick, train) ----------------------------
+
+    def create_run(
+        self, experiment_id: str, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]
+    ) -> str:
+        """A new run (``pick``'s lineage, ``train``'s result), never a trial's: a finished trial's
+        run keeps its times."""
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        self.log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def describe_version(
+        self, name: str, version: str, tags: Mapping[str, str], description: str, alias: str
+    ) -> None:
+        """Tag and describe a registered model version, then point ``alias`` at it: last, so that the
+        alias only ever names a version that carries its whole statement."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value)[:5000])
+        self.client.update_model_version(name, version, description=description)
+        self.client.set_registered_model_alias(name, alias, version)
 
     # -- logging ----------------------------------------------------------------------------
 
@@ -202,8 +283,9 @@ class Tracker:
         for key, (steps, values) in (curves or {}).items():
             for step, value in zip(steps, values, strict=True):
                 _append_metric(entries, tags, key, value, int(step), now)
-        param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
-        tag_list = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        # Whatever a tag or param holds (a storage URL, an error message), never a password.
+        param_list = [Param(k, redact(_param_value(v))) for k, v in (params or {}).items()]
+        tag_list = [RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()]
         for batch in _batches(entries, param_list, tag_list):
             self.client.log_batch(run_id, **batch, synchronous=True)
 

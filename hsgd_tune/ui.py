@@ -78,7 +78,7 @@ def serve(ref: str, storage: str | None, port: int, dashboard_port: int) -> int:
     """Start the UIs, print their URLs, and wait until interrupted."""
     cfg = None
     if Path(ref).suffix == ".toml" or Path(ref).is_file():
-        cfg = load_study(ref)
+        cfg = load_study(ref, import_code=False)  # the UI runs no user code
         ref, storage = cfg.name, storage or cfg.run.storage
     study = lookup_study(storage, ref)
     if study is None:

@@ -20,6 +20,7 @@ dies). Other databases get no cross-process lock, so workers refuse them.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -36,14 +37,23 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from hsgd_tune.errors import ConfigError, DivergedError, StorageError
+from hsgd_tune.redact import redact
 from hsgd_tune.study import DEFAULT_JOURNAL, counts_towards_budget, fail_orphaned_trials, worker_identity
-from hsgd_tune.tracking import ROLE_TAG, STUDY_TAG, TRIAL_TAG, Tracker
+from hsgd_tune.tracking import (
+    ROLE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    Tracker,
+    credentials_to_environment,
+    filter_value,
+)
 
 #: Seconds between a running trial's heartbeats on PostgreSQL; a trial is stale after 3 missed.
 HEARTBEAT_S = 10
@@ -205,7 +215,7 @@ def fail_dead_runs(study: optuna.Study, tracker: Tracker, experiment_id: str) ->
         [experiment_id],
         filter_string=(
             f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'trial' "
-            f"and tags.`{STUDY_TAG}` = '{study.study_name}'"
+            f"and tags.`{STUDY_TAG}` = {filter_value(study.study_name)}"
         ),
         max_results=1000,
     )
@@ -289,10 +299,20 @@ def run_one(study, trial: optuna.Trial, objective, tracker: Tracker, interval: i
         return _tell(study, trial, tracker, state=TrialState.PRUNED)
     except DivergedError:  # counts: the objective recorded its fail_reason
         return _tell(study, trial, tracker, state=TrialState.FAIL)
-    except BaseException:  # interrupted or a bug: fail it (it will be re-run) and stop
-        _tell(study, trial, tracker, state=TrialState.FAIL)
+    except BaseException as exc:  # interrupted or a bug: fail it and stop
+        frozen = _tell(study, trial, tracker, state=TrialState.FAIL)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            requeue(study, frozen)  # stopped by the user, not by its parameters: run them again
         raise
     return _tell(study, trial, tracker, values=values)
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue ``trial``'s parameters once more (the next ``run`` or worker takes them first). An
+    interrupt is not the trial's fault, so unlike a dead worker's trial there is no retry limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
 
 
 def _tell(study, trial, tracker: Tracker, values=None, state=None) -> FrozenTrial:
@@ -365,13 +385,19 @@ def check_tracking(uri: str) -> None:
     retry for minutes, and only after the study had been created)."""
     if not uri.startswith(("http://", "https://")):
         return
+    uri = credentials_to_environment(uri)  # a credentialed URL: basic auth, as MLflow will send it
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user is not None and password is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
     except Exception as exc:
         reason = getattr(exc, "reason", exc)
         raise StorageError(
-            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {reason}"
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {redact(str(reason))}"
         ) from None
 
 
@@ -398,11 +424,18 @@ class GracefulStop:
 
     def __init__(self, event: threading.Event):
         self.event, self.signum = event, None
+        self.previous: dict[int, Any] = {}
 
     def install(self) -> GracefulStop:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before (the command is over)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
 
     def _handle(self, signum, frame) -> None:
         if self.event.is_set():

@@ -125,6 +125,7 @@ def test_after_the_study_gives_the_certificate_the_trial_would_have_logged(every
         measured = {k: v for k, v in run.data.metrics.items() if k.startswith(MEASURED)}
         expected = {k: v for k, v in inside[number].data.metrics.items() if k.startswith(MEASURED)}
         assert "certificate/bound" in measured and "tail/alpha" in measured
+        assert "certificate/perturbed_bound" in measured and "certificate/perturbed_bound_max" in measured
         assert measured == expected  # exactly: same float32 weights, same seeds
         assert run.data.tags[DIAGNOSTICS_TAG] == AFTER_STUDY
         assert DIAGNOSTICS_TAG not in inside[number].data.tags
@@ -198,8 +199,12 @@ def test_pick_certifies_the_picked_trial(in_none, capsys):
     assert main(["pick", str(in_none), "--trial", str(picked), "--out", "picked.toml"]) == 0
     out = capsys.readouterr().out
     assert f"certificate for trial {picked}: " in out and "computed now" in out
-    run = runs()[picked]
-    assert len(history(run)) == 1 and run.data.tags["hsgd.registered_model"].startswith("hsgd-tiny/")
+    assert len(history(runs()[picked])) == 1
+    version = Tracker().client.get_model_version_by_alias("hsgd-tiny", "champion")
+    assert version.tags["optuna.trial_number"] == str(picked)  # the model went to the registry
+    # ... with the certificate computed just now (not the state of its run before pick began).
+    certificate = runs()[picked].data.metrics["certificate/bound"]
+    assert float(version.tags["certificate/bound"]) == pytest.approx(certificate, rel=1e-5)
 
 
 def test_a_finished_study_run_again_certifies_its_front(in_none, capsys):

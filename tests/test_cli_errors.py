@@ -135,7 +135,7 @@ CASES = [
     ),
     Case(
         "unknown-objective",
-        lambda d: _replace(_base(), '"val_loss", "risk_bound"', '"val_loss", "accuracy"'),
+        lambda d: _replace(_base(), '"crossfit_loss", "risk_bound"', '"crossfit_loss", "accuracy"'),
         "objectives.minimize[1]",
         "'accuracy'",
     ),
@@ -174,7 +174,13 @@ CASES = [
         "search.batch_size",
         "1000",
     ),
-    Case("n-trials-over-budget", lambda d: _base(), "run.n_trials", "5", args=("--n-trials", "5")),
+    # δ is divided over the configuration grid, not over trials: a file of the older kind is refused.
+    Case(
+        "max-trials-of-an-older-file",
+        lambda d: _replace(_base(), "loss_clip = 5.0", "loss_clip = 5.0\nmax_trials = 20"),
+        "bound.max_trials",
+        "20",
+    ),
 ]
 
 

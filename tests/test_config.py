@@ -87,7 +87,9 @@ def test_quickstart_loads_with_its_values_and_the_defaults():
         False,
     )
     assert cfg.model.kind == "mlp" and cfg.model.widths == (64, 64) and cfg.model.entry_point is None
-    assert cfg.search.learning_rate == Knob("learning_rate", "float", low=0.005, high=0.5, log=True)
+    assert cfg.search.learning_rate == Knob(
+        "learning_rate", "float", low=0.005, high=0.5, log=True, points_per_decade=10
+    )
     assert cfg.search.batch_size == Knob("batch_size", "categorical", choices=(8, 16, 32, 64, 128))
     assert cfg.search.knobs == ()
     assert (cfg.training.steps, cfg.training.record_every, cfg.training.divergence_factor) == (
@@ -96,8 +98,8 @@ def test_quickstart_loads_with_its_values_and_the_defaults():
         100.0,
     )
     assert (cfg.bound.delta, cfg.bound.loss_clip, cfg.bound.lipschitz_subsample) == (0.05, 5.0, 64)
-    assert cfg.bound.max_trials is None and cfg.max_trials == 20  # δ is split over the run budget
-    assert cfg.objectives == ("val_loss", "risk_bound")
+    assert cfg.bound.grid_size is None and cfg.grid_size == 21 * 5  # δ is divided over Λ
+    assert cfg.objectives == ("crossfit_loss", "risk_bound")
     assert cfg.sampler.kind == "tpe" and cfg.sampler.grid_points == 5
     assert cfg.run.n_trials == 20 and cfg.run.timeout is None and cfg.run.storage is None
     assert cfg.experiment_name == "hsgd-quickstart"
@@ -108,8 +110,9 @@ def test_minimal_study_gets_every_default(tmp_path):
     cfg = _parse(tmp_path)
     assert cfg.data.n_reference is None and cfg.model.widths == (64, 64)
     assert cfg.training.steps == 1000 and cfg.training.record_every == 20
-    assert cfg.bound.delta == 0.05 and cfg.objectives == ("val_loss", "risk_bound")
-    assert cfg.sampler.kind == "tpe" and cfg.run.n_trials == 20 and cfg.max_trials == 20
+    assert cfg.bound.delta == 0.05 and cfg.objectives == ("crossfit_loss", "risk_bound")
+    assert (cfg.rank.within, cfg.rank.tolerance, cfg.rank.standard_errors) == ("crossfit_loss", 0.0, 0.0)
+    assert cfg.sampler.kind == "tpe" and cfg.run.n_trials == 20 and cfg.grid_size == 11 * 2
 
 
 def test_config_is_frozen_and_hashable():
@@ -274,7 +277,7 @@ RULES = [
     ("delta > 1", {"bound": {"delta": 1.5}}, "bound.delta", "1.5"),
     ("negative delta", {"bound": {"delta": -0.05}}, "bound.delta", "-0.05"),
     ("zero loss_clip", {"bound": {"loss_clip": 0.0}}, "bound.loss_clip", "0.0"),
-    ("zero max_trials", {"bound": {"max_trials": 0}}, "bound.max_trials", "0"),
+    ("zero grid_size", {"bound": {"grid_size": 0}}, "bound.grid_size", "0"),
     # data sources
     ("csv without path", {"data__source": "csv", "data__target": "y"}, "data.path", "None"),
     ("csv without target", {"data__source": "csv", "data__path": "d.csv"}, "data.target", "None"),
@@ -311,12 +314,26 @@ RULES = [
         "model.entry_point",
         "'mymodule:'",
     ),
-    # run budget vs. the bound's union bound
+    # the union over the configuration grid
+    ("max_trials of an older study file", {"bound": {"max_trials": 20}}, "bound.max_trials", "20"),
+    ("grid_size below the grid", {"bound": {"grid_size": 3}}, "bound.grid_size", "3"),
     (
-        "run.n_trials > bound.max_trials",
-        {"run": {"n_trials": 30}, "bound": {"max_trials": 20}},
-        "run.n_trials",
-        "30",
+        "zero points_per_decade",
+        {"search__learning_rate__points_per_decade": 0},
+        "search.learning_rate.points_per_decade",
+        "0",
+    ),
+    (
+        "points_per_decade on a linear range",
+        {"search__knobs": {"momentum": {"low": 0.0, "high": 0.9, "log": False, "points_per_decade": 5}}},
+        "search.knobs.momentum.points_per_decade",
+        "5",
+    ),
+    (
+        "one grid point",
+        {"search__knobs": {"momentum": {"low": 0.0, "high": 0.9, "log": False, "grid_points": 1}}},
+        "search.knobs.momentum.grid_points",
+        "1",
     ),
 ]
 
@@ -337,7 +354,7 @@ def test_each_rule_names_its_key_and_value(tmp_path, changes, key, value):
 def test_base_document_of_the_rule_table_is_valid(tmp_path):
     """Each case above breaks exactly one rule of a study that is otherwise accepted."""
     _parse(tmp_path)
-    _parse(tmp_path, run={"n_trials": 20}, bound={"max_trials": 20})
+    _parse(tmp_path, run={"n_trials": 20}, bound={"grid_size": 10**6})
     _parse(tmp_path, search__knobs={"momentum": {"low": 0.0, "high": 0.9, "log": False}})
 
 
@@ -390,7 +407,7 @@ def test_csv_path_resolves_against_the_study_folder(workdir):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_fingerprint_ignores_run_and_max_trials_and_the_file(tmp_path):
+def test_fingerprint_ignores_run_and_the_file(tmp_path):
     fp = _parse(tmp_path).fingerprint()
     assert (
         _parse(
@@ -398,7 +415,6 @@ def test_fingerprint_ignores_run_and_max_trials_and_the_file(tmp_path):
         ).fingerprint()
         == fp
     )
-    assert _parse(tmp_path, bound={"max_trials": 500}).fingerprint() == fp
     assert dataclasses.replace(_parse(tmp_path), source_file=Path("elsewhere.toml")).fingerprint() == fp
 
 
@@ -414,6 +430,8 @@ def test_fingerprint_ignores_run_and_max_trials_and_the_file(tmp_path):
         {"data__n_train": 200},
         {"objectives": {"minimize": ["val_loss"]}},
         {"sampler": {"kind": "random"}},
+        {"search__learning_rate__points_per_decade": 5},
+        {"bound": {"grid_size": 1000}},
     ],
     ids=lambda c: next(iter(c)),
 )
@@ -421,26 +439,17 @@ def test_fingerprint_changes_with_what_determines_results(tmp_path, changes):
     assert _parse(tmp_path, **changes).fingerprint() != _parse(tmp_path).fingerprint()
 
 
-def test_with_run_overrides_run_and_keeps_delta_split_over_the_files_budget(tmp_path):
+def test_with_run_overrides_run_and_keeps_the_grid(tmp_path):
     cfg = _parse(tmp_path, run={"n_trials": 20})
     smaller = with_run(cfg, n_trials=5, timeout=30.0, storage=None)
     assert smaller.run.n_trials == 5 and smaller.run.timeout == 30.0 and smaller.run.storage is None
-    assert smaller.max_trials == 20 and smaller.bound.max_trials == 20
-    assert smaller.fingerprint() == cfg.fingerprint()
-    assert with_run(cfg) == dataclasses.replace(cfg, bound=dataclasses.replace(cfg.bound, max_trials=20))
+    assert smaller.grid_size == cfg.grid_size and smaller.fingerprint() == cfg.fingerprint()
+    assert with_run(cfg) == cfg
 
 
-def test_with_run_may_raise_the_budget_up_to_bound_max_trials(tmp_path):
-    cfg = _parse(tmp_path, run={"n_trials": 10}, bound={"max_trials": 100})
-    assert with_run(cfg, n_trials=100).run.n_trials == 100
-
-
-def test_with_run_refuses_more_trials_than_delta_is_split_over(tmp_path):
-    """Else a study would be created for 20 trials and the run refused only afterwards (study.py)."""
-    cfg = _parse(tmp_path, run={"n_trials": 20})
-    with pytest.raises(ConfigError) as info:
-        with_run(cfg, n_trials=21)
-    assert info.value.key == "run.n_trials" and info.value.value == 21
+def test_with_run_accepts_any_budget_since_delta_is_divided_over_the_grid_not_the_trials(tmp_path):
+    cfg = _parse(tmp_path, run={"n_trials": 10})
+    assert with_run(cfg, n_trials=1000).run.n_trials == 1000
 
 
 # ---------------------------------------------------------------------------------------------

@@ -369,3 +369,21 @@ def test_csv_regression_with_text_target_is_data_error(tmp_path):
     err = info.value
     assert err.key == "data.target" and err.value == "x"
     assert "regression needs a numeric target" in err.rule
+
+
+def test_csv_classes_and_task_are_read_from_the_rows_outside_s(tmp_path):
+    """Inferred from every row, the model's outputs (so the reference run) would depend on S."""
+    from hsgd_tune.data import split_indices
+
+    labels = [i % 3 for i in range(30)]
+    cfg = _csv_cfg(tmp_path / "data.csv", n_train=10, n_val=5)
+    train = set(split_indices(30, cfg, 0)["train"].tolist())
+    only_in_s = min(train)
+    labels[only_in_s] = 7  # a class no row outside S has
+    _write(tmp_path, "\n".join(["a,label"] + [f"{i},{lab}" for i, lab in enumerate(labels)]) + "\n")
+    with pytest.raises(DataError, match="only the training split S holds") as info:
+        load_dataset(cfg, seed=0)
+    assert info.value.key == "data.target" and info.value.value == 7
+    labels[only_in_s] = 0
+    _write(tmp_path, "\n".join(["a,label"] + [f"{i},{lab}" for i, lab in enumerate(labels)]) + "\n")
+    assert load_dataset(cfg, seed=0).classes == (0, 1, 2)

@@ -185,6 +185,31 @@ def test_gradient_noise_is_minibatch_minus_full_gradient():
     assert np.abs(noisy).max() > 1e-3
 
 
+def test_gradient_noise_samples_are_independent_minibatches_not_one_epoch():
+    """Two halves of one epoch would partition S: their noises would sum to exactly zero, and α̂'s
+    block sums would cancel. Each sample is a fresh draw instead."""
+    fm, w, x, y = classification_setup()
+    pair = gradient_noise(fm, w, x, y, batch_size=len(y) // 2, draws=2, seed=0)
+    assert np.abs(pair[0] + pair[1]).max() > 1e-3
+
+
+def test_the_heldout_certificate_is_the_kl_bound_of_the_final_models_errors_on_h(tmp_path):
+    from hsgd_tune.data import load_dataset
+    from hsgd_tune.grid import statement_deltas
+
+    cfg = parse_study({**STUDY, "objectives": {"minimize": ["val_loss", "risk_bound"]}}, tmp_path)
+    data = load_dataset(cfg.data, cfg.seed)
+    outcome = evaluate(cfg, data, {"learning_rate": 0.05, "batch_size": 16})
+    with torch.no_grad():
+        out = outcome.run.model(torch.as_tensor(data.reference.x))
+    errors = int((out.argmax(-1) != torch.as_tensor(data.reference.y)).sum())
+    n, delta = len(data.reference.y), statement_deltas(cfg)["heldout"]
+    expected = bound.heldout_upper(errors / n, n, delta / 2)
+    assert outcome.metrics()["certificate/heldout_error"] == pytest.approx(expected, rel=1e-9)
+    assert outcome.metrics()["certificate/heldout_measured"] == pytest.approx(errors / n, abs=1e-7)
+    assert "certificate/perturbed_bound" not in outcome.metrics()  # only with the front certificates
+
+
 STUDY = {
     "name": "diag",
     "data": {
@@ -207,7 +232,7 @@ def test_a_trial_logs_certificate_tail_index_and_analytic_bounds(tmp_path):
 
     cfg = parse_study(STUDY, tmp_path)
     data = load_dataset(cfg.data, cfg.seed)
-    outcome = evaluate(cfg, data, {"learning_rate": 0.05, "batch_size": 16}, max_trials=cfg.max_trials)
+    outcome = evaluate(cfg, data, {"learning_rate": 0.05, "batch_size": 16})
     metrics, tags = outcome.metrics(), outcome.tags()
     for key in (
         "certificate/bound",
@@ -215,12 +240,22 @@ def test_a_trial_logs_certificate_tail_index_and_analytic_bounds(tmp_path):
         "tail/alpha",
         "analytic/gronwall_bound",
         "analytic/mismatch",
+        "certificate/perturbed_bound",
+        "certificate/perturbed_bound_max",
+        "certificate/heldout_error",
+        "certificate/heldout_error_max",
     ):
         assert math.isfinite(metrics[key]), key
+    assert metrics["certificate/perturbed_bound"] <= metrics["certificate/perturbed_bound_max"] <= 1
     assert 0 < metrics["tail/alpha"] <= 2
     assert outcome.objective("certificate") == metrics["certificate/bound"]
-    # δ_t is split in half between the trajectory bound and the certificate.
-    assert metrics["bound/delta_trial"] == pytest.approx(metrics["certificate/delta"])
+    # δ_λ = δ/|Λ| is split equally among the configuration's four statements.
+    share = cfg.bound.delta / cfg.grid_size / 4
+    for statement in ("trajectory", "heldout", "perturbed", "pacbayes"):
+        assert metrics[f"bound/delta_{statement}"] == pytest.approx(share, rel=1e-12)
+    assert metrics["certificate/delta"] == pytest.approx(share, rel=1e-12)
+    assert tags["hsgd.assumption.certificate/perturbed_bound"].startswith("certified")
+    assert tags["hsgd.assumption.certificate/heldout_error"].startswith("certified")
     assert tags["hsgd.assumption.certificate/bound"].startswith("certified")
     assert tags["hsgd.assumption.tail/alpha"].startswith("estimated")
     assert tags["hsgd.vacuous.certificate"] in ("true", "false")
@@ -245,3 +280,21 @@ def test_noise_knobs_may_be_searched_for_builtin_models(tmp_path):
     search = {**STUDY["search"], "knobs": {"noise_alpha": {"low": 1.2, "high": 2.0, "log": False}}}
     cfg = parse_study({**STUDY, "search": search}, tmp_path)
     assert cfg.search.knobs[0].name == "noise_alpha"
+
+
+def test_iterate_risks_and_mean_gradient_norms_match_a_loop_over_weights():
+    """The batched risks and L_pop gradients equal per-weight autograd on the clipped mean loss."""
+    from hsgd_tune.diagnostics import iterate_risks, mean_gradient_norms
+
+    fm, w, x, y = classification_setup()
+    rng = np.random.default_rng(0)
+    points = np.stack([w + 0.5 * rng.normal(size=w.shape) for _ in range(5)]).astype(np.float32)
+    clip = 1.0  # low enough that some examples are clipped (zero gradient there)
+    risks = iterate_risks(fm, points, x, y, clip, chunk=2)
+    norms = mean_gradient_norms(fm, points, x, y, clip, chunk=2)
+    for k, p in enumerate(points):
+        wt = torch.as_tensor(p).clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(fm.forward(wt, x), y, reduction="none").clamp(max=clip)
+        (grad,) = torch.autograd.grad(loss.mean(), wt)
+        assert risks[k] == pytest.approx(float(loss.mean().detach()), rel=1e-5)
+        assert norms[k] == pytest.approx(float(grad.norm()), rel=1e-4)

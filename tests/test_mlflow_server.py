@@ -83,7 +83,9 @@ def test_ranks_and_champion_are_visible_through_the_rest_api(server, tmp_path, m
         f"{api}/registered-models/alias", params={"name": "hsgd-tiny", "alias": "champion"}, timeout=30
     )
     assert alias.status_code == 200, alias.text
-    assert alias.json()["model_version"]["run_id"] == recommended[0]
+    # The version was logged in a lineage run of its own, which names the trial's run.
+    version_tags = {t["key"]: t["value"] for t in alias.json()["model_version"]["tags"]}
+    assert version_tags["hsgd.trial_run_id"] == recommended[0]
 
 
 def test_ui_serves_the_study_on_localhost_and_stops_on_ctrl_c(workdir):

@@ -55,7 +55,7 @@ def test_rank_table_defaults_and_values(tmp_path):
     cfg = load_study(
         write_tiny_study(tmp_path, TINY_STUDY + '\n[rank]\ntolerance = 0.2\nprefer = "gap_bound"\n')
     )
-    assert (cfg.rank.within, cfg.rank.tolerance, cfg.rank.prefer) == ("val_loss", 0.2, "gap_bound")
+    assert (cfg.rank.within, cfg.rank.tolerance, cfg.rank.prefer) == ("crossfit_loss", 0.2, "gap_bound")
     # The rule changes no trial's result, so it is not part of the study's identity.
     assert cfg.fingerprint() == load_study(write_tiny_study(tmp_path)).fingerprint()
 
@@ -106,7 +106,8 @@ def test_rank_prints_front_trials_and_the_recommendation(in_tiny, capsys):
     assert main(["rank", str(in_tiny)]) == 0
     out = capsys.readouterr().out
     assert "Pareto front of tiny" in out and "All trials of tiny" in out
-    assert "Recommended: trial" in out and "within 5% of the best" in out
+    assert "Recommended: trial" in out and "the finished trial with the smallest crossfit_loss" in out
+    assert "rests on: crossfit_loss = " in out and "runner-up: trial" in out
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 100.0])
@@ -114,7 +115,7 @@ def test_tolerance_on_the_command_line_moves_the_recommendation(in_tiny, capsys,
     assert main(["rank", str(in_tiny), "--format", "json", "--tolerance", str(tolerance), "--no-mlflow"]) == 0
     doc = json.loads(capsys.readouterr().out)
     values = trial_values()
-    key = "val_loss" if tolerance == 0 else "risk_bound"  # 0: the best val loss; huge: the best bound
+    key = "crossfit_loss" if tolerance == 0 else "risk_bound"  # 0: the best estimate; huge: the best bound
     assert doc["recommended_trial"] == min(values, key=lambda n: values[n][key])
     assert doc["rule"]["tolerance"] == tolerance
 
@@ -122,7 +123,9 @@ def test_tolerance_on_the_command_line_moves_the_recommendation(in_tiny, capsys,
 def test_csv_and_markdown_carry_the_same_ranking(in_tiny, capsys):
     assert main(["rank", "tiny", "--format", "csv", "--no-mlflow"]) == 0  # by name, not file
     table = pd.read_csv(io.StringIO(capsys.readouterr().out))
-    assert {"trial", "pareto_rank", "recommended", "val_loss", "risk_bound"} <= set(table.columns)
+    assert {"trial", "pareto_rank", "recommended", "crossfit_loss", "risk_bound", "val/loss"} <= set(
+        table.columns
+    )
     assert table["recommended"].sum() == 1
     assert main(["rank", "tiny", "--format", "markdown", "--no-mlflow"]) == 0
     md = capsys.readouterr().out

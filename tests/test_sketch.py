@@ -128,7 +128,7 @@ def test_sketched_trial_is_tagged_as_an_estimate_and_reports_epsilon(tmp_path):
         TINY_STUDY.replace("record_every = 20", "record_every = 20\nsketch_above = 1\nsketch_dim = 64")
     )
     data = load_dataset(cfg.data, cfg.seed)
-    outcome = evaluate(cfg, data, {"learning_rate": 0.05, "batch_size": 8}, max_trials=5)
+    outcome = evaluate(cfg, data, {"learning_rate": 0.05, "batch_size": 8})
     metrics, tags = outcome.metrics(), outcome.tags()
     assert metrics["bound/sketch_dim"] == 64
     assert metrics["train/trajectory_bytes"] == 2 * outcome.bound.n_points * 64 * 4
@@ -141,7 +141,7 @@ def test_sketched_trial_is_tagged_as_an_estimate_and_reports_epsilon(tmp_path):
 def test_small_models_are_not_sketched():
     cfg = load_study_from_text(TINY_STUDY)
     data = load_dataset(cfg.data, cfg.seed)
-    outcome = evaluate(cfg, data, {"learning_rate": 0.05, "batch_size": 8}, max_trials=5)
+    outcome = evaluate(cfg, data, {"learning_rate": 0.05, "batch_size": 8})
     metrics = outcome.metrics()
     assert "bound/sketch_dim" not in metrics and outcome.run.sketch_dim == 0
     assert (

@@ -24,6 +24,7 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from hsgd_tune import grid
 from hsgd_tune.config import Knob, load_study, parse_study, with_run
 from hsgd_tune.data import load_dataset
 from hsgd_tune.errors import ConfigError
@@ -49,8 +50,13 @@ BOUND_TERMS = (
     "bound/train_risk_clipped",
     "bound/risk_bound",
     "bound/loss_clip",
-    "bound/delta_trial",
+    "bound/delta_trajectory",
     "bound/n_points",
+    "bound/lipschitz_pop",
+    "bound/gap_bound_uniform",
+    "bound/risk_bound_max",
+    "certificate/heldout_error",
+    "certificate/heldout_error_max",
 )
 
 TINY_TOML = """\
@@ -80,7 +86,6 @@ record_every = 10
 
 [bound]
 lipschitz_subsample = 32
-max_trials = 10
 
 [sampler]
 kind = "random"
@@ -205,7 +210,7 @@ def test_small_study_runs_and_logs_one_child_run_per_trial(small_study):
             assert key in metrics, key
             assert math.isfinite(metrics[key]), key
         # The Optuna objectives are the logged metrics.
-        assert t.values[0] == pytest.approx(metrics["val/loss"], abs=1e-12)
+        assert t.values[0] == pytest.approx(metrics["crossfit/loss"], abs=1e-12)
         assert t.values[1] == pytest.approx(metrics["bound/risk_bound"], rel=1e-12)
         assert float(params["learning_rate"]) == t.params["learning_rate"]
         assert int(params["batch_size"]) == t.params["batch_size"]
@@ -272,9 +277,10 @@ def test_resume_continues_the_study_without_duplicates(workspace):
     client = client_for(workspace)
     parent, by_number = assert_one_run_per_trial(client, study, cfg.experiment_name)
     assert parent.info.run_id == summary.parent_run_id
-    # The resumed sampler does not replay the first trials' points.
-    lrs = [t.params["learning_rate"] for t in study.get_trials(deepcopy=False)]
-    assert len(set(lrs)) == 4
+    # The resumed sampler does not replay the first trials' points (a replay would repeat them in
+    # order; single grid points may recur by chance: the learning rates live on a 16-point grid).
+    params = [t.params for t in study.get_trials(deepcopy=False)]
+    assert params[2:] != params[:2]
 
     again = run_study(bigger, progress=False)
     assert (again.trials_run, again.trials_done) == (0, 4)
@@ -284,10 +290,23 @@ def test_resume_continues_the_study_without_duplicates(workspace):
     assert parent.info.status == "FINISHED"
     assert all(run.info.status == "FINISHED" for run in by_number.values())
 
-    # More than the max_trials δ was split over is refused, and runs nothing.
-    with pytest.raises(ConfigError, match="max_trials"):
-        run_study(with_run(cfg, n_trials=11), progress=False)
-    assert len(load(workspace, cfg.name).trials) == 4
+    # Any larger budget extends the study: δ is divided over the configuration grid, not the trials.
+    extended = run_study(with_run(cfg, n_trials=5), progress=False)
+    assert (extended.trials_run, extended.trials_done) == (1, 5)
+    grid_lrs = grid.knob_values(cfg.search.learning_rate)
+    assert all(t.params["learning_rate"] in grid_lrs for t in load(workspace, cfg.name).trials)
+
+
+def test_a_study_made_before_the_grid_union_is_refused_in_one_clear_line(workspace):
+    """Its δ was split over max_trials trial numbers, which an adaptive sampler invalidates."""
+    cfg = parse_study(tiny_raw("old", 1), workspace)
+    storage = open_storage(str(workspace / "mlruns" / "optuna-journal.log"))
+    old = optuna.create_study(study_name="old", storage=storage, directions=["minimize"] * 2)
+    old.set_user_attr("fingerprint", cfg.fingerprint())
+    old.set_user_attr("max_trials", 10)
+    with pytest.raises(ConfigError, match="older hsgd-tune that split δ over max_trials = 10") as info:
+        run_study(cfg, progress=False)
+    assert "\n" not in str(info.value) and len(load(workspace, "old").trials) == 0
 
 
 def test_changed_search_space_under_the_same_name_is_refused(workspace):

@@ -47,6 +47,41 @@ def hausdorff_distance(a: np.ndarray, b: np.ndarray, chunk_rows: int = 256) -> f
     )
 
 
+def nearest_points(a: np.ndarray, b: np.ndarray, chunk_rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """For each point of ``a``, the index of its nearest point in ``b`` and the distance to it.
+
+    The pairing behind the one-way distance and the trajectory gap bound (DESIGN.md §2): each
+    recorded S-iterate ``w^S_k`` is compared with its nearest reference iterate ``w^H_{j(k)}``.
+
+    Args:
+        a: (N, p) points, e.g. the recorded S-run iterates.
+        b: (M, p) points, e.g. the recorded H-run iterates.
+        chunk_rows: rows of ``a`` compared at a time (memory ``chunk_rows x M``).
+
+    Returns:
+        ``(j, d)``: (N,) int indices into b (the lowest index on a tie) and (N,) distances
+        ``|a_k - b_{j(k)}|``, accurate to the rounding of a direct difference.
+    """
+    a = _checks.point_set("a", a)
+    b = _checks.point_set("b", b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same number of columns p, got {a.shape!r} and {b.shape!r}")
+    chunk_rows = _checks.count("chunk_rows", chunk_rows)
+    center = (a.sum(axis=0) + b.sum(axis=0)) / (a.shape[0] + b.shape[0])
+    return _nearest(a, b, a - center, b - center, chunk_rows)
+
+
+def one_way_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """``sup_{x in A} inf_{y in B} |x - y|``: the decoupling distance D of DESIGN.md §2 (each S-iterate
+    to its nearest H-iterate). At most the symmetric Hausdorff distance, and all the decoupling
+    argument needs: only the S-iterates must be close to some reference iterate.
+
+    Args:
+        a: (N, p) points (the S-run iterates); b: (M, p) points (the H-run iterates).
+    """
+    return float(np.max(nearest_points(a, b)[1]))
+
+
 def synchronous_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Largest distance between same-index points: ``D_sync = max_k |a_k - b_k|``.
 
@@ -82,13 +117,20 @@ def _directed(
     could, within a rigorous rounding bound, be a row minimum is recomputed as a direct difference
     from the uncentered inputs.
     """
+    return float(np.max(_nearest(x, y, x_centered, y_centered, chunk_rows)[1]))
+
+
+def _nearest(
+    x: np.ndarray, y: np.ndarray, x_centered: np.ndarray, y_centered: np.ndarray, chunk_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) index of the nearest y_j and (N,) distance to it, for every x_i."""
     p = x.shape[1]
     # Error of the expansion <= 2*gamma_{p+2}*(|x|^2+|y|^2) (dot products of length p, two adds);
     # centering adds <= 4*eps*(|x|^2+|y|^2). 4*gamma_{p+4} covers both with a margin.
     k = p + 4
     tolerance_factor = 4.0 * k * _EPS / (1.0 - k * _EPS)
     y_sq = np.einsum("ij,ij->i", y_centered, y_centered)  # (M,)
-    worst = 0.0
+    indices, distances = [], []
     for start in range(0, x.shape[0], chunk_rows):
         x_chunk = x_centered[start : start + chunk_rows]  # (c, p)
         x_sq = np.einsum("ij,ij->i", x_chunk, x_chunk)  # (c,)
@@ -100,29 +142,36 @@ def _directed(
         upper = np.min(approx + tolerance, axis=1)  # (c,)
         candidates = (approx - tolerance <= upper[:, None]) | ~np.isfinite(approx)
         rows, cols = np.nonzero(candidates)
-        row_min = _exact_row_min(
+        arg, row_min = _exact_row_min(
             x[start : start + chunk_rows],
             y,
             rows,
             cols,
             max_elements=chunk_rows * y.shape[0],
         )
-        worst = max(worst, float(np.max(row_min)))
-    return worst
+        indices.append(arg)
+        distances.append(row_min)
+    return np.concatenate(indices), np.concatenate(distances)
 
 
 def _exact_row_min(
     x: np.ndarray, y: np.ndarray, rows: np.ndarray, cols: np.ndarray, max_elements: int
-) -> np.ndarray:
-    """Per row i of x (c, p): min over the listed pairs (i, j) of the direct ``|x_i - y_j|``.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row i of x (c, p): argmin (lowest j on a tie) and min over the listed pairs (i, j) of the
+    direct ``|x_i - y_j|``.
 
     Pairs are processed in batches of at most ``max_elements`` array entries, so a degenerate
     case with many candidates costs time, not memory.
     """
     row_min = np.full(x.shape[0], np.inf)  # (c,)
+    row_arg = np.full(x.shape[0], -1, dtype=np.int64)  # (c,)
     batch = max(1, max_elements // x.shape[1])
     for start in range(0, rows.size, batch):
         r, c = rows[start : start + batch], cols[start : start + batch]
         diff = x[r] - y[c]  # (batch, p)
-        np.minimum.at(row_min, r, np.sqrt(np.einsum("ij,ij->i", diff, diff)))
-    return row_min
+        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        # Candidates come row-major with increasing j: a strict "<" keeps the lowest j on a tie.
+        for i, j, d in zip(r.tolist(), c.tolist(), dist.tolist(), strict=True):
+            if d < row_min[i]:
+                row_min[i], row_arg[i] = d, j
+    return row_arg, row_min

@@ -1,4 +1,4 @@
-"""The complexity term C and the per-trial confidence level δ_t."""
+"""The complexity term C and the per-configuration confidence level δ_λ = δ·π(λ)."""
 
 from __future__ import annotations
 
@@ -7,36 +7,36 @@ import math
 
 import pytest
 
-from hsgd_tune.bound import complexity_term, trial_delta
+from hsgd_tune.bound import complexity_term, configuration_delta
 
 
-def test_trial_delta_splits_delta_evenly_over_max_trials():
-    assert trial_delta(0.05, 10) == pytest.approx(0.005, rel=1e-15)
+def test_configuration_delta_is_delta_times_the_prior_weight():
+    assert configuration_delta(0.05, 1 / 105) == pytest.approx(0.05 / 105, rel=1e-15)
 
 
-def test_trial_delta_with_one_trial_is_delta():
-    assert trial_delta(0.1, 1) == 0.1
+def test_configuration_delta_of_a_single_configuration_is_delta():
+    assert configuration_delta(0.1, 1.0) == 0.1
 
 
 @pytest.mark.parametrize("delta", [0.0, 1.0, -0.1, 1.5, math.nan, math.inf, "0.05", None])
-def test_trial_delta_rejects_delta_outside_open_unit_interval(delta):
+def test_configuration_delta_rejects_delta_outside_open_unit_interval(delta):
     with pytest.raises(ValueError, match="delta must be"):
-        trial_delta(delta, 10)
+        configuration_delta(delta, 0.5)
 
 
-@pytest.mark.parametrize("max_trials", [0, -3, 2.0, True])
-def test_trial_delta_rejects_max_trials_that_is_not_a_positive_integer(max_trials):
-    with pytest.raises(ValueError, match="max_trials must be an integer >= 1"):
-        trial_delta(0.05, max_trials)
+@pytest.mark.parametrize("weight", [0.0, -0.5, 1.5, math.nan, True])
+def test_configuration_delta_rejects_a_weight_outside_zero_one(weight):
+    with pytest.raises(ValueError, match="prior_weight must be"):
+        configuration_delta(0.05, weight)
 
 
 def test_complexity_term_hand_computed_with_one_reference_point():
-    # B=2, n=50, N=1 (ln N = 0), δ_t = e^-4 (ln 1/δ_t = 4): C = 2·sqrt(4/100) = 2·0.2 = 0.4.
+    # B=2, n=50, N=1 (ln N = 0), δ_s = e^-4 (ln 1/δ_s = 4): C = 2·sqrt(4/100) = 2·0.2 = 0.4.
     assert complexity_term(2.0, 50, 1, math.exp(-4.0)) == pytest.approx(0.4, rel=1e-14)
 
 
 def test_complexity_term_hand_computed_with_union_bound_over_points():
-    # B=1, n=8, N=4, δ_t = 4·e^-16: ln N + ln 1/δ_t = ln(N/δ_t) = 16; C = sqrt(16/16) = 1.
+    # B=1, n=8, N=4, δ_s = 4·e^-16: ln N + ln 1/δ_s = ln(N/δ_s) = 16; C = sqrt(16/16) = 1.
     assert complexity_term(1.0, 8, 4, 4.0 * math.exp(-16.0)) == pytest.approx(1.0, rel=1e-14)
 
 

@@ -181,3 +181,42 @@ def test_hausdorff_rejects_chunk_rows_that_is_not_a_positive_integer(chunk_rows)
 def test_synchronous_distance_rejects_bad_point_sets(a, b, message):
     with pytest.raises(ValueError, match=message):
         synchronous_distance(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# One-way distance and nearest points (the pairing of the trajectory gap bound)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nearest_points_match_a_naive_loop():
+    from hsgd_tune.bound import nearest_points
+
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(size=(40, 7)), rng.normal(size=(25, 7))
+    j, d = nearest_points(a, b, chunk_rows=8)
+    for k in range(len(a)):
+        dists = [float(np.linalg.norm(a[k] - y)) for y in b]
+        assert j[k] == int(np.argmin(dists))
+        assert d[k] == pytest.approx(min(dists), rel=1e-12)
+
+
+def test_nearest_points_take_the_lowest_index_on_a_tie():
+    from hsgd_tune.bound import nearest_points
+
+    j, d = nearest_points(np.array([[0.0]]), np.array([[1.0], [-1.0], [1.0]]))
+    assert j.tolist() == [0] and d.tolist() == [1.0]
+
+
+def test_one_way_distance_is_the_directed_half_of_hausdorff_and_can_be_smaller():
+    from hsgd_tune.bound import one_way_distance
+
+    # The S-iterates hug the start of a reference trajectory that runs on: each S-iterate has a
+    # near H-iterate (one-way 0.1) but the far H-iterate has no near S-iterate (Hausdorff 5).
+    s = np.array([[0.0], [0.1], [0.2]])
+    h = np.array([[0.0], [0.2], [5.2]])
+    assert one_way_distance(s, h) == pytest.approx(0.1)
+    assert hausdorff_distance(s, h) == pytest.approx(5.0)
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(10, 3)), rng.normal(size=(10, 3))
+    assert one_way_distance(a, b) <= hausdorff_distance(a, b)
+    assert max(one_way_distance(a, b), one_way_distance(b, a)) == pytest.approx(naive_hausdorff(a, b))
