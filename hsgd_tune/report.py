@@ -521,9 +521,15 @@ def _answer(ranking: Ranking, records: StudyRecords) -> str:
             "<p>It has no certificate yet: <code>hsgd-tune certify STUDY --trials "
             f"{ranking.recommended}</code> (or <code>hsgd-tune pick</code>) computes it.</p>"
         )
+    rule = ranking.rule
+    how_sure = (
+        f"How sure: {n_close} trial(s) met the tolerance on {html.escape(rule.within)}, so "
+        f"{html.escape(rule.prefer)} chose among {n_close}. "
+        if rule.tolerance > 0 and rule.prefer != rule.within
+        else ""
+    )
     lines.append(
-        f"<p class=muted>How sure: {n_close} trial(s) met the tolerance on "
-        f"{html.escape(ranking.rule.within)}, so the bound chose among {n_close}. "
+        f"<p class=muted>{how_sure}"
         + " ".join(
             rp.run_link(url, f"MLflow: {what}") + "."
             for url, what in (
@@ -540,17 +546,21 @@ def _answer(ranking: Ranking, records: StudyRecords) -> str:
 def _decision(ranking: Ranking, records: StudyRecords) -> str:
     objectives = list(ranking.study.user_attrs.get("objectives", []))
     recommended = ranking.trial(ranking.recommended) if ranking.recommended is not None else None
-    band = None
-    if ranking.rule.within in objectives:
-        best = float(ranking.table[ranking.rule.within].min())
-        band = (objectives.index(ranking.rule.within), best, best + ranking.rule.tolerance * abs(best))
+    band, rule = None, ranking.rule
+    banded = rule.tolerance > 0 and rule.prefer != rule.within  # else the rule is "the smallest within"
+    if banded and rule.within in objectives:
+        best = float(ranking.table[rule.within].min())
+        band = (objectives.index(rule.within), best, best + rule.tolerance * abs(best))
     fig, why = rp.pareto_figure(ranking.study, objectives, recommended, band)
+    how = (
+        f"the green band holds the trials whose {html.escape(rule.within)} is within {rule.tolerance:.0%} "
+        f"of the best; among them the rule takes the smallest {html.escape(rule.prefer)} (red star)"
+        if banded
+        else f"the rule takes the trial with the smallest {html.escape(rule.within)} (red star)"
+    )
     note = (
-        "<p class=muted>Each point is a finished trial (hover for its parameters); the green band holds "
-        f"the trials whose {html.escape(ranking.rule.within)} is within "
-        f"{ranking.rule.tolerance:.0%} of the best; among them the rule takes the smallest "
-        f"{html.escape(ranking.rule.prefer)} (red star). Axes are logarithmic where values span more than "
-        f"a factor {rp.LOG_SPAN:g}.</p>"
+        f"<p class=muted>Each point is a finished trial (hover for its parameters); {how}. Axes are "
+        f"logarithmic where values span more than a factor {rp.LOG_SPAN:g}.</p>"
     )
     title = f"Near the best {ranking.rule.within}: the rule's choice up close"
     close = rp.candidates_figure(

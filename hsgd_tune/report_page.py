@@ -169,10 +169,12 @@ def candidates_figure(
         return None
     best = float(rows[within].min())
     limit = best + tolerance * abs(best)
-    near = rows[rows[within] <= best + max(3 * tolerance * abs(best), 1e-12)].sort_values(within)
+    # 3× the tolerance, and at least 10% of the best: a rule without tolerance still has neighbours
+    near = rows[rows[within] <= best + max(3 * tolerance, 0.1) * abs(best)].sort_values(within)
     inside = near[within] <= limit
     fig = go.Figure()
-    fig.add_vrect(best, limit, fillcolor="green", opacity=0.12, line_width=0)
+    if limit > best:
+        fig.add_vrect(best, limit, fillcolor="green", opacity=0.12, line_width=0)
     for mask, name, colour in (
         (inside, "candidates (within tolerance)", "#2ca02c"),
         (~inside, "others", GREY),
