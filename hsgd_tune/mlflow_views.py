@@ -84,17 +84,28 @@ def view_state(study: str, view: str) -> dict:
     }
 
 
-def view_url(tracker: Tracker, experiment_id: str, study: str, view: str, base: str) -> str:
-    """Write the view's shared state on the experiment (idempotent) and return the URL that opens it."""
+def view_key(study: str, view: str) -> tuple[str, str]:
+    """(key, state as JSON) of one view: the key is a hash of the state, so it names that state."""
     state = json.dumps(view_state(study, view), sort_keys=True)
-    key = f"hsgd-{view}-{hashlib.sha256(state.encode()).hexdigest()[:12]}"
-    tracker.client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, state)
+    return f"hsgd-{view}-{hashlib.sha256(state.encode()).hexdigest()[:12]}", state
+
+
+def view_url(experiment_id: str, study: str, view: str, base: str) -> str:
+    """The URL that opens a view (its tag is written by :func:`study_views`)."""
+    key, _ = view_key(study, view)
     return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}&{TRAINING_MODE}"
 
 
-def study_views(tracker: Tracker, experiment_id: str, study: str, base: str) -> dict[str, str]:
-    """Every view's URL: {"trials": ..., "recommended": ...}."""
-    return {view: view_url(tracker, experiment_id, study, view, base) for view in VIEWS}
+def study_views(
+    tracker: Tracker, experiment_id: str, study: str, base: str, write: bool = True
+) -> dict[str, str]:
+    """Every view's URL: {"trials": ..., "recommended": ...}; with ``write``, the views' shared
+    states are (re)written on the experiment first (idempotent)."""
+    if write:
+        for view in VIEWS:
+            key, state = view_key(study, view)
+            tracker.client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, state)
+    return {view: view_url(experiment_id, study, view, base) for view in VIEWS}
 
 
 def mark_custom_model_experiment(tracker: Tracker, experiment_id: str) -> None:

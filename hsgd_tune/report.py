@@ -26,7 +26,6 @@ matplotlib.use("Agg")  # files only, never a window (headless servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
 
 from hsgd_tune import report_page as rp  # noqa: E402
 from hsgd_tune.config import StudyConfig  # noqa: E402
@@ -181,11 +180,9 @@ def _runs_and_links(ranking: Ranking, tracker: Tracker, run_ids: dict[int, str |
     runs = tracker.trial_runs(experiment_id, ranking.name)
     base = ui_base(tracker)
     links = {n: run_url(base, experiment_id, r.info.run_id) for n, r in runs.items()}
-    try:  # the views are experiment tags: a read-only store gets a report without them
-        views = study_views(tracker, experiment_id, ranking.name, base)
-    except MlflowException:
-        views = {}
-    return runs, links, views
+    # Reading writes nothing: the views' tags are written when the report is logged (_log), and by
+    # `run` and `ui`.
+    return runs, links, study_views(tracker, experiment_id, ranking.name, base, write=False)
 
 
 def _history(tracker: Tracker, run_id: str, key: str) -> pd.Series:
@@ -704,6 +701,9 @@ def _log(ranking: Ranking, tracker: Tracker, out: Path) -> None:
     parent = tracker.parent_run_id(experiment_id, ranking.name)
     if parent is not None:
         tracker.client.log_artifacts(parent, str(out), artifact_path="report")
+    from hsgd_tune.mlflow_views import study_views, ui_base
+
+    study_views(tracker, experiment_id, ranking.name, ui_base(tracker))  # the page links to them
 
 
 __all__ = ["correlations", "log_bins", "pca_2d", "write_report", "METRIC_ATTRS"]

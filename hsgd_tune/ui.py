@@ -89,9 +89,13 @@ def serve(ref: str, storage: str | None, port: int, dashboard_port: int) -> int:
         print("\n".join(mlflow_links(tracker, study, cfg, ui_base(tracker))))
         print("(the tracking server already serves the MLflow UI)")
         return 0
+    dashboard = dashboard_command(storage, dashboard_port)
+    ports = {"--port": port, **({"--dashboard-port": dashboard_port} if dashboard is not None else {})}
+    for option, p in ports.items():  # before anything is written (the links write MLflow tags)
+        if not 0 < p < 65536 or not port_is_free(p):
+            raise ConfigError(option, f"must be a free port on {HOST}", p)
     links = mlflow_links(tracker, study, cfg, ui_base(tracker, port))
     commands = {"MLflow UI": (mlflow_command(tracker.uri, port), port, "/health", links)}
-    dashboard = dashboard_command(storage, dashboard_port)
     if dashboard is not None:
         commands["optuna-dashboard"] = (
             dashboard,
@@ -99,11 +103,6 @@ def serve(ref: str, storage: str | None, port: int, dashboard_port: int) -> int:
             "/",
             [f"optuna-dashboard: http://{HOST}:{dashboard_port}/"],
         )
-    for what, (_, p, _, _) in commands.items():
-        if not 0 < p < 65536 or not port_is_free(p):
-            raise ConfigError(
-                "--port" if what == "MLflow UI" else "--dashboard-port", f"must be a free port on {HOST}", p
-            )
     signal.signal(signal.SIGTERM, _interrupt)
     processes = []
     try:
