@@ -364,9 +364,12 @@ def certify_front(
     lock: Callable[[], contextlib.AbstractContextManager],
     say: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
+    on_pending: Callable[[list[int]], None] | None = None,
 ) -> list[Certified]:
     """What ``run`` does when its trials are done, with ``[diagnostics] trials = "front"``: certify
-    the Pareto-front trials that lack a certificate (nothing when the trials had it already)."""
+    the Pareto-front trials that lack a certificate (nothing when the trials had it already).
+    ``say`` gets a header line, then one line per certified trial; ``on_pending`` gets the trials
+    to certify between the two (for a progress bar)."""
     if cfg.diagnostics.trials != "front" or cfg.diagnose_every_trial or not has_work(cfg):
         return []
     runs = {n: _get_run(tracker, n, _run_id(study, n)) for n in front_trials(study)}
@@ -376,6 +379,8 @@ def certify_front(
     if say is not None:
         shown = ", ".join(map(str, pending))
         say(f'certifying the Pareto front after the study ([diagnostics] trials = "front"): trials {shown}')
+    if on_pending is not None:
+        on_pending(pending)
     on_trial = (lambda result: say(result.line())) if say is not None else None
     return certify(study, cfg, tracker, pending, data=data, on_trial=on_trial, lock=lock, stop=stop)
 
@@ -390,16 +395,26 @@ def _run_id(study: optuna.Study, number: int) -> str:
 
 
 def format_results(results: list[Certified]) -> str:
-    """The table ``hsgd-tune certify`` prints: one row per trial."""
+    """The table ``hsgd-tune certify`` prints: one row per trial, then what "vacuous" means. Seconds
+    only for the trials computed now: a certificate found on its run shows when it was computed
+    instead, not an old duration that would read as this command's."""
     header = f"{'trial':>5}  {'certificate/bound':>17}  {'certificate/trivial':>19}  {'vacuous':>7}  "
     header += f"{'seconds':>7}  computed"
     rows = [header]
     for r in results:
+        seconds = _num(r.seconds, ".2f") if r.computed else "-"
+        when = r.when if r.computed or r.when.startswith("skipped") else f"earlier ({r.when})"
         rows.append(
-            f"{r.trial:>5}  {_num(r.bound):>17}  {_num(r.trivial):>19}  {r.vacuous:>7}  "
-            f"{_num(r.seconds, '.2f'):>7}  {r.when}"
+            f"{r.trial:>5}  {_num(r.bound):>17}  {_num(r.trivial):>19}  {r.vacuous:>7}  {seconds:>7}  {when}"
         )
-    return "\n".join(rows)
+    return "\n".join([*rows, f"{VACUOUS_NOTE}."])
+
+
+#: What "vacuous" means in the table (the threshold is diagnostics.py's hsgd.vacuous.certificate tag).
+VACUOUS_NOTE = (
+    "vacuous: the certificate is at least min(trivial, 0.5), i.e. it cannot rule out an error as large "
+    "as a constant guess's (trivial = 1 − 1/k for k classes) or a coin flip's"
+)
 
 
 def _num(value: float, fmt: str = ".4g") -> str:

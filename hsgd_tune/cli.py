@@ -115,7 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         storage=args.storage,
         threads=args.threads,
     )
-    from hsgd_tune.runner import run_study  # torch, Optuna, MLflow: seconds; a bad study file fails first
+    # torch, Optuna, MLflow: seconds to import; a bad study file fails first
+    from hsgd_tune.runner import end_of_run, run_study
 
     stop = None
     if args.workers != 1:  # K local worker processes; each prints a line per trial
@@ -131,34 +132,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             summary = run_study(cfg, progress=not args.quiet, worker=WorkerOptions(stop=stop.event))
         finally:
             stop.uninstall()
-    print(
-        f"{summary.study}: {summary.trials_done}/{summary.budget} trials finished "
-        f"({summary.trials_run} this run). Ranking: hsgd-tune rank {args.study}"
-    )
-    _print_ranking(cfg)
+    print(end_of_run(cfg, summary, str(args.study)))
     if stop is not None and stop.signum is not None and summary.trials_done < summary.budget:
         return 128 + stop.signum  # stopped on request before the budget was met; rerun to resume
     return 0
-
-
-def _print_ranking(cfg) -> None:
-    from hsgd_tune.ranking import format_table, study_certificates, trials_table, with_certificates
-    from hsgd_tune.study import lookup_study, storage_description
-    from hsgd_tune.tracking import Tracker
-
-    name, storage_url = cfg.name, cfg.run.storage
-    study = lookup_study(storage_url, name)
-    if study is None:
-        raise HsgdError(f"no study named {name!r} in {storage_description(storage_url)}")
-    table = with_certificates(trials_table(study), study_certificates(study, Tracker(), cfg.experiment_name))
-    if table.empty:
-        print(f"{name}: no trials yet")
-        return
-    front = table[table["pareto_rank"] == 1]
-    print(f"\nPareto front of {name} ({len(front)} of {len(table)} trials):")
-    print(format_table(front) if not front.empty else "  (no finished trials)")
-    print(f"\nAll trials of {name}:")
-    print(format_table(table))
 
 
 def _quiet_libraries() -> None:

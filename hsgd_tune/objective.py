@@ -120,8 +120,32 @@ DELTA_SPLIT = (
 
 def config_params(cfg: StudyConfig) -> dict[str, Any]:
     """The resolved config as flat MLflow params, without ``[run]`` (how a study runs, which may
-    change between resumes; MLflow params cannot)."""
-    return {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")}
+    change between resumes; MLflow params cannot) and without what does not apply to this study
+    (:func:`not_applicable`)."""
+    flat = {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("run.")}
+    skip = not_applicable(cfg)
+    return {k: v for k, v in flat.items() if v not in (None, []) and not k.startswith(skip)}
+
+
+def not_applicable(cfg: StudyConfig) -> tuple[str, ...]:
+    """Prefixes of config keys that the study does not use: a digits study has no ``data.synthetic.*``,
+    a study without the certificate no ``certificate.steps``, a categorical knob no ``low``/``high``."""
+    skip = ["search.learning_rate.name", "search.batch_size.name"]  # the key already names it
+    if cfg.data.source != "synthetic":
+        skip.append("data.synthetic.")
+    if cfg.model.kind != "mlp":
+        skip.append("model.widths")
+    for knob in (cfg.search.learning_rate, cfg.search.batch_size):
+        if knob.kind == "categorical":
+            skip += [f"search.{knob.name}.{k}" for k in ("low", "high", "log")]
+    noise_knobs = {k.name for k in cfg.search.all_knobs()} & {"noise_alpha", "noise_sigma"}
+    if cfg.training.noise.sigma == 0 and not noise_knobs:
+        skip.append("training.noise.alpha")
+    if not cfg.certificate.enabled:
+        skip += [f"certificate.{k}" for k in ("posterior", "steps", "mc_draws")]
+    if cfg.sampler.kind != "grid":
+        skip.append("sampler.grid_points")
+    return tuple(skip)
 
 
 def train_settings(cfg: StudyConfig, params: dict[str, Any]) -> TrainSettings:

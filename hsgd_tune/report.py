@@ -16,8 +16,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -26,10 +27,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from hsgd_tune import report_page as rp  # noqa: E402
 from hsgd_tune.config import StudyConfig  # noqa: E402
 from hsgd_tune.correlation import granulated_kendall, kendall_tau  # noqa: E402
 from hsgd_tune.errors import ConfigError  # noqa: E402
-from hsgd_tune.ranking import METRIC_ATTRS, Ranking, markdown_table, rule_text  # noqa: E402
+from hsgd_tune.ranking import CERTIFICATE, METRIC_ATTRS, Ranking, markdown_table, rule_text  # noqa: E402
 from hsgd_tune.tracking import Tracker  # noqa: E402
 
 #: Heatmaps drawn when the trials report the metric: trial user attribute → (file stem, title).
@@ -142,12 +144,16 @@ class StudyRecords:
     curves: dict[int, dict[str, pd.Series]]  # trial → curve name → values indexed by step
     trajectories: dict[int, dict[str, np.ndarray]]  # selected trial → npz arrays
     selected: dict[int, str]
+    runs: dict[int, Any] = field(default_factory=dict)  # trial → its MLflow run (metrics, tags)
+    links: dict[int, str] = field(default_factory=dict)  # trial → its run in the MLflow UI
+    views: dict[str, str] = field(default_factory=dict)  # mlflow_views.VIEWS name → URL
 
 
 def read_records(ranking: Ranking, tracker: Tracker) -> StudyRecords:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a report, not a download log
     metrics = trial_metrics(ranking)
     run_ids = {t.number: t.user_attrs.get("mlflow_run_id") for t in ranking.study.get_trials(deepcopy=False)}
+    runs, links, views = _runs_and_links(ranking, tracker, run_ids)
     curves = {}
     for number in metrics["trial"]:
         curves[int(number)] = {
@@ -160,7 +166,23 @@ def read_records(ranking: Ranking, tracker: Tracker) -> StudyRecords:
             path = tracker.client.download_artifacts(run_ids[number], "trajectories.npz", tmp)
             with np.load(path) as npz:
                 trajectories[number] = {k: npz[k] for k in npz.files}
-    return StudyRecords(metrics, curves, trajectories, selected)
+    return StudyRecords(metrics, curves, trajectories, selected, runs, links, views)
+
+
+def _runs_and_links(ranking: Ranking, tracker: Tracker, run_ids: dict[int, str | None]):
+    """Every trial's MLflow run (one search), its UI link, and the study's MLflow views."""
+    from hsgd_tune.mlflow_views import run_url, study_views, ui_base
+
+    any_run = next((r for r in run_ids.values() if r), None)
+    if any_run is None:
+        return {}, {}, {}
+    experiment_id = tracker.client.get_run(any_run).info.experiment_id
+    runs = tracker.trial_runs(experiment_id, ranking.name)
+    base = ui_base(tracker)
+    links = {n: run_url(base, experiment_id, r.info.run_id) for n, r in runs.items()}
+    # Reading writes nothing: the views' tags are written when the report is logged (_log), and by
+    # `run` and `ui`.
+    return runs, links, study_views(tracker, experiment_id, ranking.name, base, write=False)
 
 
 def _history(tracker: Tracker, run_id: str, key: str) -> pd.Series:
@@ -197,16 +219,19 @@ def plot_pareto(ranking: Ranking, metrics: pd.DataFrame, path: Path) -> None:
         ax.scatter(
             row["val/loss"], row["bound/risk_bound"], marker="*", s=300, c="tab:red", label="recommended"
         )
-    for _, row in metrics.iterrows():
+    # Labels only where they matter (the front, the star); the rest is in the interactive page.
+    for k, (_, row) in enumerate(metrics[on_front].sort_values("val/loss").iterrows()):
         ax.annotate(
             str(int(row["trial"])),
             (row["val/loss"], row["bound/risk_bound"]),
             fontsize=7,
-            xytext=(3, 3),
+            xytext=(4, 4 if k % 2 else -9),  # alternate sides: neighbours' labels do not overlap
             textcoords="offset points",
         )
-    if y.max() / max(y.min(), 1e-12) > 20:
+    if rp.spans_decades(y):
         ax.set_yscale("log")
+    if rp.spans_decades(x):
+        ax.set_xscale("log")
     ax.set(
         xlabel="validation loss",
         ylabel="risk bound (clipped loss)",
@@ -217,34 +242,43 @@ def plot_pareto(ranking: Ranking, metrics: pd.DataFrame, path: Path) -> None:
 
 
 def plot_heatmap(metrics: pd.DataFrame, column: str, title: str, path: Path) -> None:
-    """Mean of ``column`` per (learning-rate bin, batch size) cell, the value written in the cell."""
+    """Mean of ``column`` per (learning-rate bin, batch size) cell, the value written in the cell.
+
+    Colours on a log scale when the values span more than a factor 4 (one outlier would otherwise
+    paint every other cell alike); text dark on light cells and light on dark ones; cells without a
+    trial say so."""
+    from matplotlib.colors import LogNorm, Normalize
+
     grid = metrics.pivot_table(index="lr_bin", columns="batch_size", values=column, aggfunc="mean")
     counts = metrics.pivot_table(index="lr_bin", columns="batch_size", values=column, aggfunc="count")
     fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.6 * grid.shape[0] + 2))
     values = grid.to_numpy(dtype=float)
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto", origin="lower")
+    finite = values[np.isfinite(values)]
+    log = finite.size > 1 and finite.min() > 0 and finite.max() / finite.min() > rp.LOG_SPAN
+    norm = LogNorm(finite.min(), finite.max()) if log else Normalize(finite.min(), finite.max())
+    cmap = plt.get_cmap("viridis")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", origin="lower")
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
-            if np.isfinite(values[i, j]):
-                n = int(counts.iloc[i, j])
-                ax.text(
-                    j,
-                    i,
-                    f"{values[i, j]:.3g}" + (f"\n(n={n})" if n > 1 else ""),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="w",
-                )
+            if not np.isfinite(values[i, j]):
+                ax.text(j, i, "no trial", ha="center", va="center", fontsize=6, color="0.55")
+                continue
+            n = int(counts.iloc[i, j])
+            r, g, b, _ = cmap(norm(values[i, j]))
+            light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5  # perceived luminance of the cell
+            text = f"{values[i, j]:.3g}" + (f"\n(mean of {n})" if n > 1 else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if light else "white")
     ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
     ax.set_yticks(range(grid.shape[0]), [f"{v:.3g}" for v in grid.index])
-    ax.set(xlabel="batch size", ylabel="learning rate (bin centre)", title=f"{title} (mean per cell)")
+    scale = ", log colour scale" if log else ""
+    ax.set(xlabel="batch size", ylabel="learning rate (bin centre)", title=f"{title} (mean per cell{scale})")
     fig.colorbar(image, ax=ax)
     _save(fig, path)
 
 
 def plot_decomposition(metrics: pd.DataFrame, recommended: int | None, path: Path) -> None:
-    """Risk bound = train risk (clipped) + complexity C + 2·L̂·D, one stacked bar per trial."""
+    """Risk bound = train risk (clipped) + complexity C + 2·L̂·D: one row per trial, one dot per term
+    on a log axis (stacked bars on a linear one hid the train risk and C), the sum as a grey bar."""
     table = metrics.sort_values("bound/risk_bound")
     parts = {
         "train risk R̂_S,B": table["bound/train_risk_clipped"],
@@ -252,14 +286,14 @@ def plot_decomposition(metrics: pd.DataFrame, recommended: int | None, path: Pat
         "2·L̂·D (decoupling)": 2 * table["bound/lipschitz"] * table["bound/decoupling_distance"],
     }
     labels = [f"{int(t)}{' ★' if t == recommended else ''}" for t in table["trial"]]
-    fig, ax = plt.subplots(figsize=(6.4, 0.25 * len(table) + 1.5))
-    left = np.zeros(len(table))
+    fig, ax = plt.subplots(figsize=(6.4, 0.25 * len(table) + 1.8))
+    ax.barh(labels, table["bound/risk_bound"], color="0.9", label="risk bound (the sum)")
     for name, values in parts.items():
-        ax.barh(labels, values, left=left, label=name)
-        left += values.to_numpy()
+        ax.scatter(values, labels, s=18, zorder=3, label=name)
     ax.axvline(float(table["bound/loss_clip"].iloc[0]), color="k", ls="--", lw=1, label="B (vacuous beyond)")
-    ax.set(xlabel="risk bound", ylabel="trial (★ recommended)", title="What the bound is made of")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xscale("log")
+    ax.set(xlabel="value (log scale)", ylabel="trial (★ recommended)", title="What the bound is made of")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     _save(fig, path)
 
 
@@ -269,7 +303,8 @@ def plot_trajectories(records: StudyRecords, path: Path) -> None:
     cols = min(n, 2)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.2 * rows), squeeze=False)
-    for ax, (number, why) in zip(axes.flat, records.selected.items(), strict=True):
+    # n panels on a rows × cols grid: the last row may have empty places (switched off below).
+    for ax, (number, why) in zip(axes.flat, records.selected.items(), strict=False):
         arrays = records.trajectories[number]
         s, h = arrays["empirical"], arrays["reference"]  # (N, p) each
         projected, explained = pca_2d(np.concatenate([s, h]))
@@ -436,50 +471,213 @@ def _draw(ranking: Ranking, records: StudyRecords, folder: Path) -> dict[str, st
 def _page(
     ranking: Ranking, cfg: StudyConfig, records: StudyRecords, corr: pd.DataFrame, heatmaps: dict[str, str]
 ) -> str:
+    """The interactive page (report_page.py): the answer first, then the views that back it."""
+    from plotly.offline import get_plotlyjs
+
     metrics = records.metrics
-    n_close = _candidates(ranking)
-    main = corr[corr["measure"] == "bound/risk_bound"].iloc[0]
-    figures = {
-        "pareto.png": PLOTS["pareto.png"],
-        **heatmaps,
-        **{k: v for k, v in PLOTS.items() if k != "pareto.png"},
-    }
-    fig_html = "\n".join(
-        f'<figure><img src="{name}" alt="{name}"><figcaption>{html.escape(text)}</figcaption></figure>'
-        for name, text in figures.items()
+    facts = html.escape(
+        f"{len(metrics)} finished trials of {len(ranking.table)}; objectives: {', '.join(cfg.objectives)}; "
+        f"data: {cfg.data.source} (n_train = {cfg.data.n_train}); δ = {cfg.bound.delta:g}, "
+        f"B = {cfg.bound.loss_clip:g}."
     )
-    table = ranking.table.assign(recommended=np.where(ranking.table["recommended"], "★", ""))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>hsgd-tune report: {html.escape(ranking.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} img{{max-width:100%}}
-table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head>
-<body>
-<h1>Study {html.escape(ranking.name)}</h1>
-<p>{len(metrics)} finished trials of {len(ranking.table)};
-objectives: {html.escape(", ".join(cfg.objectives))}; data: {html.escape(cfg.data.source)}
-(n_train = {cfg.data.n_train}); δ = {cfg.bound.delta}, B = {cfg.bound.loss_clip}.</p>
-<h2>Answer</h2>
-<p><b>{html.escape(ranking.summary())}</b></p>
-<p>How sure: {n_close} trial(s) met the tolerance on {html.escape(ranking.rule.within)},
-so the bound chose among {n_close}. Across the study, the risk bound orders trials like the observed
-gap (val loss − train loss) with
-Kendall's τ = {main["tau"]:.3f} and granulated Kendall Ψ = {main["Psi"]:.3f}
-({", ".join(f"ψ_{c[4:]} = {main[c]:.3f}" for c in corr.columns if c.startswith("psi_"))}).
-τ near 1 means the bound ranks like the gap; a small ψ for one hyperparameter means the bound does not track
-the gap when only that hyperparameter changes. The risk bound rests on an estimated Lipschitz constant: it is
-a ranking signal, not a certificate.</p>
-<h2>Does the bound rank trials like the gap?</h2>
-{corr.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")}
-<p>Granulated Kendall groups trials that share the other hyperparameter; learning rates are put in
-{MAX_LR_BINS} log-scale bins first when they were sampled on a continuous scale. <code>lr/b</code> and
-<code>val/loss</code> are baselines (val/loss is part of the gap itself).</p>
-<h2>Plots</h2>
-{fig_html}
-<h2>All trials, ranked</h2>
-{table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")}
-<p>Rule: {html.escape(rule_text(ranking.rule))}.</p>
-</body></html>
-"""
+    sections = [
+        rp.section("decision", "The decision", _decision(ranking, records)),
+        rp.section("certificates", "Certificates", _certificates(ranking, records)),
+        rp.section("search", "Search space (Optuna's views)", _search_space(ranking)),
+        rp.section("bound", "What the bound is made of", _bound(ranking, records, corr)),
+        rp.section("trajectories", "Trajectories", _trajectories(records)),
+        rp.section(
+            "curves",
+            "Learning curves",
+            rp.fig_html(rp.learning_curve_figure(records.curves, ranking.recommended), 480),
+        ),
+        rp.section("trials", "All trials, ranked", _all_trials(ranking, records, heatmaps)),
+    ]
+    return rp.page(
+        title=f"hsgd-tune report: {ranking.name}",
+        facts=facts,
+        answer=_answer(ranking, records),
+        sections=sections,
+        plotly_js=get_plotlyjs(),
+    )
+
+
+def _answer(ranking: Ranking, records: StudyRecords) -> str:
+    n_close = _candidates(ranking)
+    lines = [f"<p><b>{html.escape(ranking.summary())}</b></p>"]
+    run = records.runs.get(ranking.recommended)
+    certificate = run.data.metrics.get(CERTIFICATE) if run is not None else None
+    if certificate is not None:
+        trivial = run.data.metrics.get("certificate/trivial", float("nan"))
+        lines.append(
+            f"<p>Its certificate: the stochastic predictor Q around it errs with probability at most "
+            f"<b>{certificate:.3f}</b> (trivial {trivial:.3g}), with probability ≥ 1 − δ over the data.</p>"
+        )
+    elif ranking.recommended is not None:
+        lines.append(
+            "<p>It has no certificate yet: <code>hsgd-tune certify STUDY --trials "
+            f"{ranking.recommended}</code> (or <code>hsgd-tune pick</code>) computes it.</p>"
+        )
+    rule = ranking.rule
+    how_sure = (
+        f"How sure: {n_close} trial(s) met the tolerance on {html.escape(rule.within)}, so "
+        f"{html.escape(rule.prefer)} chose among {n_close}. "
+        if rule.tolerance > 0 and rule.prefer != rule.within
+        else ""
+    )
+    lines.append(
+        f"<p class=muted>{how_sure}"
+        + " ".join(
+            rp.run_link(url, f"MLflow: {what}") + "."
+            for url, what in (
+                (records.links.get(ranking.recommended), "the recommended run"),
+                (records.views.get("trials"), "all trials, ranked"),
+            )
+            if url
+        )
+        + " (MLflow links open the UI that <code>hsgd-tune ui</code> starts.)</p>"
+    )
+    return "\n".join(lines)
+
+
+def _decision(ranking: Ranking, records: StudyRecords) -> str:
+    objectives = list(ranking.study.user_attrs.get("objectives", []))
+    recommended = ranking.trial(ranking.recommended) if ranking.recommended is not None else None
+    band, rule = None, ranking.rule
+    banded = rule.tolerance > 0 and rule.prefer != rule.within  # else the rule is "the smallest within"
+    if banded and rule.within in objectives:
+        best = float(ranking.table[rule.within].min())
+        band = (objectives.index(rule.within), best, best + rule.tolerance * abs(best))
+    fig, why = rp.pareto_figure(ranking.study, objectives, recommended, band)
+    how = (
+        f"the green band holds the trials whose {html.escape(rule.within)} is within {rule.tolerance:.0%} "
+        f"of the best; among them the rule takes the smallest {html.escape(rule.prefer)} (red star)"
+        if banded
+        else f"the rule takes the trial with the smallest {html.escape(rule.within)} (red star)"
+    )
+    note = (
+        f"<p class=muted>Each point is a finished trial (hover for its parameters); {how}. Axes are "
+        f"logarithmic where values span more than a factor {rp.LOG_SPAN:g}.</p>"
+    )
+    title = f"Near the best {ranking.rule.within}: the rule's choice up close"
+    close = rp.candidates_figure(
+        ranking.table, ranking.rule.within, ranking.rule.prefer, ranking.rule.tolerance, ranking.recommended
+    )
+    pareto = rp.figure_block(
+        "Pareto front over the study's objectives (hover: trial and parameters)", fig, why, 520
+    )
+    zoom = rp.figure_block(title, close, "no trial has both values", 520)
+    return f'<div class="grid">{pareto}{zoom}</div>' + note
+
+
+def _certificates(ranking: Ranking, records: StudyRecords) -> str:
+    rows = []
+    for number, run in sorted(records.runs.items()):
+        m = run.data.metrics
+        if CERTIFICATE not in m:
+            continue
+        params = ranking.trial(number).params if number in set(records.metrics["trial"]) else {}
+        rows.append(
+            {
+                "trial": number,
+                **{k: params.get(k) for k in ("learning_rate", "batch_size")},
+                "train/error": m.get("train/error", np.nan),
+                "val/error": m.get("val/error", np.nan),
+                CERTIFICATE: m[CERTIFICATE],
+                "certificate/trivial": m.get("certificate/trivial", np.nan),
+                "certificate/kl": m.get("certificate/kl", np.nan),
+                "vacuous": run.data.tags.get("hsgd.vacuous.certificate", "-"),
+                "recommended": number == ranking.recommended,
+            }
+        )
+    if not rows:
+        return (
+            "<p>No trial has a certificate yet: <code>hsgd-tune certify STUDY</code> certifies the Pareto "
+            "front.</p>"
+        )
+    table = pd.DataFrame(rows)
+    columns = [c for c in table.columns if c != "recommended"]
+    explain = (
+        "<p class=muted><b>certificate/bound</b> is certified (PAC-Bayes-kl, no estimate in it): with "
+        "probability ≥ 1 − δ for all trials at once, the error of the stochastic predictor Q (weights "
+        "drawn around the trial's final weights) is at most this. Training and validation errors are of "
+        "the final weights themselves: estimates, not guarantees. Vacuous: the certificate is at least "
+        "min(trivial, 0.5), so it cannot rule out an error as large as a constant guess's or a coin "
+        "flip's.</p>"
+    )
+    figure = rp.fig_html(rp.certificate_figure(table, ranking.recommended), 420)
+    return explain + rp.trials_table_html(table, records.links, columns) + figure
+
+
+def _search_space(ranking: Ranking) -> str:
+    objectives = list(ranking.study.user_attrs.get("objectives", []))
+    blocks = [
+        rp.figure_block(t, f, why, 420) for t, f, why in rp.search_space_views(ranking.study, objectives)
+    ]
+    note = (
+        "<p class=muted>Optuna's own views. Contours are interpolated between trials: trust them where "
+        "the dots are. Objectives that span decades are shown as log10.</p>"
+    )
+    return note + f'<div class="grid">{"".join(blocks)}</div>'
+
+
+def _bound(ranking: Ranking, records: StudyRecords, corr: pd.DataFrame) -> str:
+    height = 170 + 22 * len(records.metrics)
+    figure = rp.fig_html(rp.decomposition_figure(records.metrics, ranking.recommended), height)
+    main = corr[corr["measure"] == "bound/risk_bound"].iloc[0]
+    parts = ", ".join(f"ψ_{c[4:]} = {main[c]:.3f}" for c in corr.columns if c.startswith("psi_"))
+    text = (
+        "<p class=muted>Risk bound = train risk (clipped at B) + complexity C + 2·L̂·D. L̂ is an "
+        "estimated Lipschitz constant, so the risk bound is a ranking signal, not a certificate.</p>"
+        f"<p>Across the study the risk bound orders trials like the observed gap (val loss − train "
+        f"loss) with Kendall's τ = {main['tau']:.3f} and granulated Kendall Ψ = {main['Psi']:.3f} "
+        f"({parts}). τ near 1: the bound ranks like the gap; a small ψ for one hyperparameter: the "
+        "bound does not track the gap when only that hyperparameter changes.</p>"
+    )
+    table = corr.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+    more = (
+        f"<p class=muted>Granulated Kendall groups trials that share the other hyperparameter; learning "
+        f"rates are put in {MAX_LR_BINS} log-scale bins first when they were sampled on a continuous "
+        "scale. <code>lr/b</code> and <code>val/loss</code> are baselines (val/loss is part of the gap "
+        "itself).</p>"
+    )
+    return figure + text + table + more
+
+
+def _trajectories(records: StudyRecords) -> str:
+    decoupling = dict(
+        zip(records.metrics["trial"], records.metrics["bound/decoupling_distance"], strict=True)
+    )
+    distance, panels = rp.trajectory_figures(records.trajectories, records.selected, decoupling, pca_2d)
+    note = (
+        "<p class=muted>The empirical run trains on S, the reference run on H, from the same start with "
+        "the same minibatch positions; D, the Hausdorff distance between the two recorded trajectories, "
+        "drives the bound; it is at most the largest step-by-step distance, since it pairs each iterate with "
+        "the closest iterate of the other run at any step. Projections are per trial (their own "
+        "principal axes) on a common scale.</p>"
+    )
+    return note + rp.fig_html(distance, 420) + rp.fig_html(panels)
+
+
+def _all_trials(ranking: Ranking, records: StudyRecords, heatmaps: dict[str, str]) -> str:
+    table = ranking.table
+    certificates = {
+        n: r.data.metrics[CERTIFICATE] for n, r in records.runs.items() if CERTIFICATE in r.data.metrics
+    }
+    if certificates and "certificate" not in table:
+        table = table.assign(certificate=table["trial"].map(certificates).astype(float))
+    constant = [c for c in table.columns if c not in ("trial",) and table[c].astype(str).nunique() <= 1]
+    columns = [c for c in table.columns if c not in constant or c == "recommended"]
+    pngs = ["pareto.png", *heatmaps, *[k for k in PLOTS if k != "pareto.png"]]
+    static = "".join(f'<a href="{n}"><img src="{n}" alt="{n}"></a>' for n in pngs)
+    return (
+        rp.trials_table_html(table, records.links, columns)
+        + f"<p class=muted>Rule: {html.escape(rule_text(ranking.rule))}. Columns with one value for every "
+        f"trial are left out ({html.escape(', '.join(constant)) or 'none'}). Ranking as Markdown: "
+        '<a href="ranking.md">ranking.md</a>.</p>'
+        + "<h3>Static images (also in the MLflow parent run, under report/)</h3>"
+        + f'<div class="pngs">{static}</div>'
+    )
 
 
 def _candidates(ranking: Ranking) -> int:
@@ -503,6 +701,9 @@ def _log(ranking: Ranking, tracker: Tracker, out: Path) -> None:
     parent = tracker.parent_run_id(experiment_id, ranking.name)
     if parent is not None:
         tracker.client.log_artifacts(parent, str(out), artifact_path="report")
+    from hsgd_tune.mlflow_views import study_views, ui_base
+
+    study_views(tracker, experiment_id, ranking.name, ui_base(tracker))  # the page links to them
 
 
 __all__ = ["correlations", "log_bins", "pca_2d", "write_report", "METRIC_ATTRS"]

@@ -7,13 +7,16 @@ before any Optuna study or MLflow run exists, so a mistake leaves no trace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -24,10 +27,12 @@ from hsgd_tune.data import Dataset, load_dataset
 from hsgd_tune.errors import ConfigError, HsgdError
 from hsgd_tune.model_check import check_model
 from hsgd_tune.objective import Objective, config_params
+from hsgd_tune.progress import listening
 from hsgd_tune.study import (
     FAIL_REASON,
     create_or_resume,
     find_study,
+    lookup_study,
     open_storage,
     storage_description,
     trials_done,
@@ -146,7 +151,10 @@ def run_study(
     interrupted, ran = False, 0
     try:
         budget, timeout = cfg.run.n_trials, cfg.run.timeout
-        ran = run_trials(study, objective, budget, lock, tracker, experiment_id, options, timeout, on_trial)
+        with display.trials():
+            ran = run_trials(
+                study, objective, budget, lock, tracker, experiment_id, options, timeout, on_trial
+            )
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -156,10 +164,14 @@ def run_study(
         close_parent(study, tracker, parent_id, study_metrics(study), cfg.run.n_trials, stopped)
     if not options.stop.is_set():  # a worker asked to stop leaves it to the next run
         # [diagnostics] trials = "front": the trials skipped the certificate; the front gets it now.
+        shown = options.lines or not progress  # worker lines, or nothing: no bar
+        say, on_pending = (_say(progress, options), None) if shown else (display.say, display.certifying)
         try:
-            certify_front(study, cfg, tracker, data, lock, say=_say(progress, options), stop=options.stop)
+            certify_front(study, cfg, tracker, data, lock, say=say, stop=options.stop, on_pending=on_pending)
         except HsgdError as exc:  # e.g. the trials' MLflow runs are gone: the trials themselves stand
             warnings.warn(f"certificates after the study not computed: {exc}", stacklevel=1)
+        finally:
+            display.close()
     return RunSummary(cfg.name, ran, trials_done(study), cfg.run.n_trials, experiment_id, parent_id)
 
 
@@ -186,17 +198,40 @@ def study_metrics(study: optuna.Study) -> dict[str, float]:
 
 
 class Progress:
-    """Trials done, best so far and time left, on one line that redraws; one line per trial above."""
+    """What a study run shows while it runs: one line per finished trial, above a bar of trials done
+    (best so far, time left) and, under it, a bar of the running trial's SGD steps; after the
+    trials, a bar of the after-study certificates."""
 
     def __init__(self, cfg: StudyConfig, remaining: int, done_before: int, enabled: bool = True):
         self.cfg, self.enabled, self.count, self.failed = cfg, enabled, 0, 0
         self.best: dict[str, float] = {}
-        self.bar = None
+        self.bar = self.steps = self.certificates = None
         if enabled and remaining > 0:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=remaining, desc=f"{cfg.name} ({done_before} done before)", unit="trial")
+            before = f" ({done_before} done before)" if done_before else ""
+            self.bar = tqdm(total=remaining, desc=f"{cfg.name}{before}", unit="trial", dynamic_ncols=True)
             self.started = time.monotonic()
+
+    @contextlib.contextmanager
+    def trials(self) -> Iterator[None]:
+        """Show the running trial's steps (reported by training.py) while the trials run."""
+        if self.bar is None:
+            yield
+            return
+        with listening(self._on_steps):
+            yield
+
+    def _on_steps(self, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.steps is None or self.steps.total != total or step < self.steps.n:
+            if self.steps is not None:
+                self.steps.close()
+            self.steps = tqdm(
+                total=total, desc="  steps", unit="step", position=1, leave=False, dynamic_ncols=True
+            )
+        self.steps.update(step - self.steps.n)
 
     def on_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.count += 1
@@ -206,6 +241,8 @@ class Progress:
         else:
             self.failed += 1
         if self.bar is not None:
+            if self.steps is not None:
+                self.steps.reset()
             self.bar.write(describe_trial(trial, self.cfg.objectives))
             postfix = {f"best {k}": f"{v:.4g}" for k, v in self.best.items()}
             if self.failed:
@@ -214,8 +251,112 @@ class Progress:
             self.bar.update(1)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        for bar in (self.steps, self.bar, self.certificates):
+            if bar is not None:
+                bar.close()
+        self.steps = self.bar = self.certificates = None
+
+    # -- the after-study certificates -------------------------------------------------------
+
+    def certifying(self, pending: list[int]) -> None:
+        """certify_front's ``on_pending``: a bar over the trials it is about to certify."""
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        self.certificates = tqdm(total=len(pending), desc="certificates", unit="trial", dynamic_ncols=True)
+
+    def say(self, line: str) -> None:
+        """certify_front's ``say``: its lines above the bar; each line after the bar started is one
+        certified trial (certify_front's order: the header, then a line per trial)."""
+        if self.certificates is None:
+            print(line, flush=True)
+            return
+        self.certificates.write(line)
+        self.certificates.update(1)
+        if self.certificates.n >= self.certificates.total:
+            self.certificates.close()
+            self.certificates = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a run
+# ---------------------------------------------------------------------------------------------
+
+
+def end_of_run(cfg: StudyConfig, summary: RunSummary, study_file: str, tracker: Tracker | None = None) -> str:
+    """What ``run`` prints last: the count, the Pareto front (recommended trial starred, columns that
+    are the same for every trial left out), the recommendation, and the next commands, last."""
+    from hsgd_tune.mlflow_views import study_views, ui_base
+    from hsgd_tune.ranking import rank_study, study_certificates, with_certificates, write_to_mlflow
+
+    study = lookup_study(cfg.run.storage, cfg.name)
+    if study is None:
+        raise HsgdError(f"no study named {cfg.name!r} in {storage_description(cfg.run.storage)}")
+    trials = study.get_trials(deepcopy=False)
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    lines = [
+        f"{summary.study}: {summary.trials_done}/{summary.budget} trials finished "
+        f"({summary.trials_run} this run)" + (f", {failed} failed" if failed else "") + "."
+    ]
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        return "\n".join([*lines, "No finished trial to rank yet."])
+    tracker = tracker or Tracker()
+    ranking = rank_study(study, cfg.rank)
+    write_to_mlflow(ranking, tracker)  # ranks and the recommendation, for the MLflow views below
+    table = with_certificates(ranking.table, study_certificates(study, tracker, cfg.experiment_name))
+    front = table[table["pareto_rank"] == 1]
+    lines += [
+        "",
+        f"Pareto front ({len(front)} of {len(table)} trials; ★ recommended):",
+        front_table(front, cfg),
+    ]
+    lines += ["", ranking.summary(), "", "Next:"]
+    activate = _activate_hint()
+    if activate:
+        lines.append(f"  {activate:<44}  # in a new shell, so that hsgd-tune is on PATH")
+    experiment = tracker.experiment_id(cfg.experiment_name, create=False)
+    views = study_views(tracker, experiment, cfg.name, ui_base(tracker)) if experiment else {}
+    commands = [
+        (f"hsgd-tune rank {study_file}", "every trial, ranked"),
+        (f"hsgd-tune report {study_file}", "interactive report (HTML)"),
+        (
+            f"hsgd-tune ui {study_file}",
+            f"MLflow UI; trials ranked: {views['trials']}" if views else "MLflow UI",
+        ),
+    ]
+    lines += [f"  {command:<44}  # {why}" for command, why in commands]
+    return "\n".join(lines)
+
+
+def front_table(front, cfg: StudyConfig) -> str:
+    """The front as text: trial, sampled values, objectives, certificate; ★ on the recommended row."""
+    shown = front.copy()
+    shown.insert(0, " ", ["★" if r else "" for r in shown["recommended"]])
+    keep = [" ", "trial", *[c for c in shown.columns if c in _sampled(cfg)], *cfg.objectives]
+    keep += [c for c in ("certificate",) if c in shown]
+    shown = shown[keep]
+    constant = [c for c in shown.columns[2:] if shown[c].astype(str).nunique() <= 1 and len(shown) > 1]
+    shown = shown.drop(columns=[c for c in constant if c not in cfg.objectives])
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+
+
+def _sampled(cfg: StudyConfig) -> list[str]:
+    return [knob.name for knob in cfg.search.all_knobs()]
+
+
+def _activate_hint() -> str | None:
+    """How to put ``hsgd-tune`` on PATH in a new shell, when this runs from a virtual env."""
+    if sys.prefix == sys.base_prefix:
+        return None
+    venv = Path(sys.prefix)
+    if Path(".venv").resolve() == venv.resolve():  # the quick-start's .venv (or a link to it)
+        return ". .venv/bin/activate"
+    try:
+        shown = venv.relative_to(Path.cwd())
+    except ValueError:
+        shown = venv
+    return f". {shown}/bin/activate"
 
 
 def describe_trial(trial: FrozenTrial, objectives: tuple[str, ...]) -> str:

@@ -43,6 +43,8 @@ RUN_STATUS = {
 }
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "hsgd.study", "hsgd.role", "optuna.trial_number", "optuna.state"
+#: MLflow 3 opens an experiment of this kind on its runs, not on the GenAI overview (traces, tokens).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri() -> str:
@@ -152,7 +154,7 @@ class Tracker:
                 return found.experiment_id if found else None
             location = LOCAL_ARTIFACT_ROOT.resolve().as_uri() if self.local else None
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
             except Exception:
                 found = self.client.get_experiment_by_name(name)
                 if found is None:

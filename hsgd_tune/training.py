@@ -46,6 +46,7 @@ from hsgd_tune.models import (
     linear_layers,
     load_flat_parameters,
 )
+from hsgd_tune.progress import steps_done
 from hsgd_tune.sketch import SignSketch
 
 S_RUN, H_RUN = 0, 1
@@ -545,6 +546,7 @@ def train_twin(data: Dataset, spec: ModelSpec, settings: TrainSettings) -> TwinR
                 recorder.record(step, interval_loss=interval_loss / done_since)
                 _check_divergence(recorder, limit, step)
                 interval_loss.zero_()
+                steps_done(step, settings.steps)  # the step bar under the trial bar (progress.py)
     trained = time.perf_counter()
 
     in_loop = sum(store.seconds.values())  # chunks already flushed during training

@@ -1,4 +1,5 @@
-"""``hsgd-tune ui``: the MLflow UI (and optuna-dashboard, if installed) on a study's stores.
+"""``hsgd-tune ui``: the MLflow UI (and optuna-dashboard, if installed) on a study's stores, with links
+that open the study's trials ranked (mlflow_views.py).
 
 Both listen on 127.0.0.1 only: the stores hold everything about the study, and neither UI has a login.
 The servers run in their own process groups, so stopping ``hsgd-tune ui`` (Ctrl-C or SIGTERM) stops
@@ -20,9 +21,11 @@ from pathlib import Path
 
 from hsgd_tune.config import load_study
 from hsgd_tune.errors import ConfigError, HsgdError
-from hsgd_tune.ranking import stored_config
+from hsgd_tune.mlflow_views import VIEWS, experiment_url, mark_custom_model_experiment, study_views, ui_base
+from hsgd_tune.ranking import rank_study, stored_config, write_to_mlflow
 from hsgd_tune.study import DEFAULT_JOURNAL, lookup_study, storage_description
 from hsgd_tune.tracking import Tracker
+from hsgd_tune.worker import database_url
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 180.0  # MLflow's server takes a minute to start on a busy 2-core machine
@@ -46,11 +49,29 @@ def mlflow_command(tracking_uri: str, port: int) -> list[str]:
 
 
 def dashboard_command(storage: str | None, port: int) -> list[str] | None:
-    """optuna-dashboard on the study's storage, or None when it is not installed."""
-    exe = shutil.which("optuna-dashboard")
+    """optuna-dashboard (the ``dashboard`` extra) on the study's storage, or None when it is not
+    installed. The one next to this Python first: a virtual env need not be on PATH."""
+    beside = Path(sys.executable).parent / "optuna-dashboard"
+    exe = str(beside) if beside.is_file() else shutil.which("optuna-dashboard")
     if exe is None:
         return None
-    return [exe, storage or str(DEFAULT_JOURNAL), "--host", HOST, "--port", str(port)]
+    url = database_url(storage) if storage and "://" in storage else storage or str(DEFAULT_JOURNAL)
+    return [exe, url, "--host", HOST, "--port", str(port)]
+
+
+def mlflow_links(tracker: Tracker, study, cfg, base: str) -> list[str]:
+    """The lines that open the study in the MLflow UI at ``base``: the experiment, every trial
+    ranked, the recommended trial. Ranks the study first, so the views have ranks to show."""
+    experiment = tracker.experiment_id(cfg.experiment_name, create=False)
+    if experiment is None:
+        return [f"MLflow UI: {base} (no experiment {cfg.experiment_name!r} yet: run the study first)"]
+    mark_custom_model_experiment(tracker, experiment)
+    lines = [f"MLflow UI: {experiment_url(base, experiment)}"]
+    if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        write_to_mlflow(rank_study(study, cfg.rank), tracker)
+        views = study_views(tracker, experiment, study.study_name, base)
+        lines += [f"  {VIEWS[name][0]}: {url}" for name, url in views.items()]
+    return lines
 
 
 def serve(ref: str, storage: str | None, port: int, dashboard_port: int) -> int:
@@ -64,30 +85,36 @@ def serve(ref: str, storage: str | None, port: int, dashboard_port: int) -> int:
         raise HsgdError(f"no study named {ref!r} in {storage_description(storage)}")
     cfg = cfg or stored_config(study)
     tracker = Tracker()
-    experiment = tracker.experiment_id(cfg.experiment_name, create=False)
-    suffix = f"/#/experiments/{experiment}" if experiment else ""
     if tracker.uri.startswith(("http://", "https://")):
-        print(f"MLflow UI: {tracker.uri}{suffix} (the tracking server already serves it)")
+        print("\n".join(mlflow_links(tracker, study, cfg, ui_base(tracker))))
+        print("(the tracking server already serves the MLflow UI)")
         return 0
-    commands = {"MLflow UI": (mlflow_command(tracker.uri, port), port, "/health", suffix)}
     dashboard = dashboard_command(storage, dashboard_port)
-    if dashboard is not None:
-        commands["optuna-dashboard"] = (dashboard, dashboard_port, "/", "")
-    for what, (_, p, _, _) in commands.items():
+    ports = {"--port": port, **({"--dashboard-port": dashboard_port} if dashboard is not None else {})}
+    for option, p in ports.items():  # before anything is written (the links write MLflow tags)
         if not 0 < p < 65536 or not port_is_free(p):
-            raise ConfigError(
-                "--port" if what == "MLflow UI" else "--dashboard-port", f"must be a free port on {HOST}", p
-            )
+            raise ConfigError(option, f"must be a free port on {HOST}", p)
+    links = mlflow_links(tracker, study, cfg, ui_base(tracker, port))
+    commands = {"MLflow UI": (mlflow_command(tracker.uri, port), port, "/health", links)}
+    if dashboard is not None:
+        commands["optuna-dashboard"] = (
+            dashboard,
+            dashboard_port,
+            "/",
+            [f"optuna-dashboard: http://{HOST}:{dashboard_port}/"],
+        )
     signal.signal(signal.SIGTERM, _interrupt)
     processes = []
     try:
-        for what, (cmd, p, probe, path) in commands.items():
+        for what, (cmd, p, probe, lines) in commands.items():
             proc = subprocess.Popen(
                 cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
             processes.append(proc)
             wait_until_up(proc, f"http://{HOST}:{p}{probe}", what)
-            print(f"{what}: http://{HOST}:{p}{path}", flush=True)
+            print("\n".join(lines), flush=True)
+        if dashboard is None:
+            print('optuna-dashboard: not installed (pip install -e ".[dashboard]")', flush=True)
         print("Ctrl-C to stop.", flush=True)
         processes[0].wait()
         return 0

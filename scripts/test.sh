@@ -2,7 +2,7 @@
 # Set up (first time only) and run the test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-HSGD_EXTRAS=postgres source scripts/setup-venv.sh
+HSGD_EXTRAS=postgres,dashboard source scripts/setup-venv.sh
 set +e
 python -m pytest "$@"
 status=$?

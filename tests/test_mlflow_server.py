@@ -92,9 +92,10 @@ def test_ui_serves_the_study_on_localhost_and_stops_on_ctrl_c(workdir):
     optuna.create_study(study_name="tiny", storage=open_storage(None), directions=["minimize"])
     Tracker().experiment_id("hsgd-tiny")
     path = write_tiny_study(workdir)
-    port = free_port()
+    port, dashboard_port = free_port(), free_port()  # optuna-dashboard too, when installed
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hsgd_tune.cli", "ui", str(path), "--port", str(port)],
+        [sys.executable, "-m", "hsgd_tune.cli", "ui", str(path), "--port", str(port)]
+        + ["--dashboard-port", str(dashboard_port)],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -126,3 +126,19 @@ def test_tail_index_heatmap_when_every_trial_measures_it(tmp_path, monkeypatch, 
     assert len(alphas) == 5 and all(0 < a <= 2 for a in alphas)
     assert main(["report", str(path), "--out", "rep", "--no-mlflow"]) == 0
     assert (tmp_path / "rep" / "heatmap_tail_index.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("n_selected", [1, 2, 3, 4])
+def test_trajectory_plot_takes_any_number_of_selected_trials(tmp_path, n_selected):
+    """3 selected trials on a 2 × 2 grid crashed the report (zip of 4 axes with 3 trials)."""
+    from hsgd_tune.report import StudyRecords, plot_trajectories
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        n: {"empirical": rng.normal(size=(5, 7)), "reference": rng.normal(size=(5, 7))}
+        for n in range(n_selected)
+    }
+    selected = {n: f"reason {n}" for n in range(n_selected)}
+    records = StudyRecords(metrics=None, curves={}, trajectories=arrays, selected=selected)
+    plot_trajectories(records, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
