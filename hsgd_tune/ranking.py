@@ -27,7 +27,7 @@ CERTIFICATE = "certificate/bound"
 #: Bound terms shown next to the objectives (from the trials' user attributes).
 BOUND_COLUMNS = (
     "bound/decoupling_distance",
-    "bound/lipschitz",
+    "bound/lipschitz_pop",
     "bound/complexity",
     "bound/gap_bound",
     "bound/risk_bound",

@@ -277,14 +277,10 @@ def plot_heatmap(metrics: pd.DataFrame, column: str, title: str, path: Path) -> 
 
 
 def plot_decomposition(metrics: pd.DataFrame, recommended: int | None, path: Path) -> None:
-    """Risk bound = train risk (clipped) + complexity C + 2·L̂·D: one row per trial, one dot per term
-    on a log axis (stacked bars on a linear one hid the train risk and C), the sum as a grey bar."""
+    """The risk bound's terms (``report_page.bound_terms``): one row per trial, one dot per term on a
+    log axis (stacked bars on a linear one hid the small terms), the sum as a grey bar."""
     table = metrics.sort_values("bound/risk_bound")
-    parts = {
-        "train risk R̂_S,B": table["bound/train_risk_clipped"],
-        "complexity C": table["bound/complexity"],
-        "2·L̂·D (decoupling)": 2 * table["bound/lipschitz"] * table["bound/decoupling_distance"],
-    }
+    parts = {rp.BOUND_TERMS[key][0]: values for key, values in rp.bound_terms(table).items()}
     labels = [f"{int(t)}{' ★' if t == recommended else ''}" for t in table["trial"]]
     fig, ax = plt.subplots(figsize=(6.4, 0.25 * len(table) + 1.8))
     ax.barh(labels, table["bound/risk_bound"], color="0.9", label="risk bound (the sum)")
