@@ -100,21 +100,7 @@ def is_store_failure(exc: BaseException) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hsgd_tune.config import load_study, with_run
-
-    if args.n_trials is not None and args.n_trials < 1:
-        raise ConfigError("--n-trials", "must be a positive integer", args.n_trials)
-    if args.timeout is not None and not args.timeout > 0:
-        raise ConfigError("--timeout", "must be a positive number of seconds", args.timeout)
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError("--threads", "must be a positive integer", args.threads)
-    cfg = with_run(
-        load_study(args.study),
-        n_trials=args.n_trials,
-        timeout=args.timeout,
-        storage=args.storage,
-        threads=args.threads,
-    )
+    cfg = cli_worker.run_config(args)
     # torch, Optuna, MLflow: seconds to import; a bad study file fails first
     from hsgd_tune.runner import end_of_run, run_study
 

@@ -73,24 +73,29 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
 
 def _positive(name: str, value, integer: bool = True) -> None:
     if value is not None and not value > 0:
-        raise ConfigError(name, f"must be a positive {'integer' if integer else 'number'}", value)
+        raise ConfigError(name, f"must be a positive {'integer' if integer else 'number of seconds'}", value)
 
 
-def load_config(args: argparse.Namespace):
+def run_config(args: argparse.Namespace):
+    """The study file with the command line's ``[run]`` overrides, each checked (run and worker)."""
     from hsgd_tune.config import load_study, with_run
 
     _positive("--n-trials", args.n_trials)
     _positive("--timeout", args.timeout, integer=False)
     _positive("--threads", args.threads)
-    cfg = with_run(
+    return with_run(
         load_study(args.study),
         n_trials=args.n_trials,
         timeout=args.timeout,
         storage=args.storage,
         threads=args.threads,
     )
+
+
+def load_config(args: argparse.Namespace):
     from hsgd_tune.worker import check_shareable
 
+    cfg = run_config(args)
     check_shareable(cfg.run.storage)
     return cfg
 

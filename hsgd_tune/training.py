@@ -246,7 +246,28 @@ def grouping_plan(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     return plan if layout == "rows" else None
 
 
-class GroupedTwin:
+class _AutogradTwin:
+    """Both runs through one forward pass of stacked (2, ...) parameters (:attr:`params`); the summed
+    loss of the two runs separates, so autograd's gradient of it is each run's own."""
+
+    params: list[torch.Tensor]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_and_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, task: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(2,) mean minibatch loss of each run, and its gradient for each tensor of :attr:`params`."""
+        with torch.enable_grad():
+            loss = per_example_loss(self.forward(x), y, task).mean(dim=1)
+            return loss.detach(), list(torch.autograd.grad(loss.sum(), self.params))
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(2, -1) for p in self.params], dim=1)
+
+
+class GroupedTwin(_AutogradTwin):
     """A model of :func:`grouping_plan`'s layers (the built-in CNN, a user's Sequential) held twice:
     each parameter stacked (2, ...), each Linear of both runs one batched matrix product, each
     convolution one grouped convolution over both runs' channels side by side.
@@ -300,19 +321,8 @@ class GroupedTwin:
                 h = layer(h)
         return h
 
-    def loss_and_gradients(
-        self, x: torch.Tensor, y: torch.Tensor, task: str
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(2,) mean minibatch loss of each run, and its gradient for each tensor of :attr:`params`."""
-        with torch.enable_grad():
-            loss = per_example_loss(self.forward(x), y, task).mean(dim=1)
-            return loss.detach(), list(torch.autograd.grad(loss.sum(), self.params))
 
-    def flat(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(2, -1) for p in self.params], dim=1)
-
-
-class FuncTwin:
+class FuncTwin(_AutogradTwin):
     """Any ``nn.Module`` without buffers, its parameters stacked (2, ...) and both runs one
     ``vmap(functional_call)`` pass; autograd's backward gives each run its own gradient."""
 
@@ -333,16 +343,6 @@ class FuncTwin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(tuple(self.stacked), x)
-
-    def loss_and_gradients(
-        self, x: torch.Tensor, y: torch.Tensor, task: str
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        with torch.enable_grad():
-            loss = per_example_loss(self.forward(x), y, task).mean(dim=1)
-            return loss.detach(), list(torch.autograd.grad(loss.sum(), self.stacked))
-
-    def flat(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(2, -1) for p in self.stacked], dim=1)
 
 
 class SequentialTwin:
