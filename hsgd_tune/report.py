@@ -34,6 +34,8 @@ from hsgd_tune.errors import ConfigError  # noqa: E402
 from hsgd_tune.ranking import CERTIFICATE, METRIC_ATTRS, Ranking, markdown_table, rule_text  # noqa: E402
 from hsgd_tune.tracking import Tracker  # noqa: E402
 
+HELDOUT_CERTIFICATE = "certificate/heldout_error"  # about the served weights (bound/heldout.py)
+
 #: Heatmaps drawn when the trials report the metric: trial user attribute → (file stem, title).
 HEATMAPS = {
     "val/loss": ("val_loss", "validation loss"),
@@ -502,12 +504,20 @@ def _answer(ranking: Ranking, records: StudyRecords) -> str:
     n_close = _candidates(ranking)
     lines = [f"<p><b>{html.escape(ranking.summary())}</b></p>"]
     run = records.runs.get(ranking.recommended)
+    heldout = run.data.metrics.get(HELDOUT_CERTIFICATE) if run is not None else None
+    if heldout is not None:  # about the very weights that are served: the first thing to say
+        lines.append(
+            f"<p>Its held-out certificate: the model itself (its final weights) errs with probability at "
+            f"most <b>{heldout:.3f}</b> on new data, with probability ≥ 1 − δ (kl bound from its errors on "
+            "H, which it never trained on).</p>"
+        )
     certificate = run.data.metrics.get(CERTIFICATE) if run is not None else None
     if certificate is not None:
         trivial = run.data.metrics.get("certificate/trivial", float("nan"))
         lines.append(
-            f"<p>Its certificate: the stochastic predictor Q around it errs with probability at most "
-            f"<b>{certificate:.3f}</b> (trivial {trivial:.3g}), with probability ≥ 1 − δ over the data.</p>"
+            "<p>Its PAC-Bayes certificate: the stochastic predictor Q around it errs with probability "
+            f"at most <b>{certificate:.3f}</b> (trivial {trivial:.3g}), with probability ≥ 1 − δ over the "
+            "data.</p>"
         )
     elif ranking.recommended is not None:
         lines.append(
@@ -579,6 +589,8 @@ def _certificates(ranking: Ranking, records: StudyRecords) -> str:
                 **{k: params.get(k) for k in ("learning_rate", "batch_size")},
                 "train/error": m.get("train/error", np.nan),
                 "val/error": m.get("val/error", np.nan),
+                HELDOUT_CERTIFICATE: m.get(HELDOUT_CERTIFICATE, np.nan),
+                "certificate/perturbed_bound": m.get("certificate/perturbed_bound", np.nan),
                 CERTIFICATE: m[CERTIFICATE],
                 "certificate/trivial": m.get("certificate/trivial", np.nan),
                 "certificate/kl": m.get("certificate/kl", np.nan),
@@ -594,9 +606,13 @@ def _certificates(ranking: Ranking, records: StudyRecords) -> str:
     table = pd.DataFrame(rows)
     columns = [c for c in table.columns if c != "recommended"]
     explain = (
-        "<p class=muted><b>certificate/bound</b> is certified (PAC-Bayes-kl, no estimate in it): with "
-        "probability ≥ 1 − δ for all trials at once, the error of the stochastic predictor Q (weights "
-        "drawn around the trial's final weights) is at most this. Training and validation errors are of "
+        "<p class=muted>Every certificate here holds with probability ≥ 1 − δ for all configurations at "
+        "once, whatever the sampler did (a union over the configuration grid), with no estimate in it. "
+        "<b>certificate/heldout_error</b>: the error of the trial's final weights (the model that is "
+        "served), from its errors on H. <b>certificate/perturbed_bound</b>: the error of the weights "
+        "perturbed by N(0, σ²I), with the reference run as prior (the seed paper's setting). "
+        "<b>certificate/bound</b> (PAC-Bayes-kl): the error of the stochastic predictor Q (weights "
+        "drawn around the trial's final weights). Training and validation errors are of "
         "the final weights themselves: estimates, not guarantees. Vacuous: the certificate is at least "
         "min(trivial, 0.5), so it cannot rule out an error as large as a constant guess's or a coin "
         "flip's.</p>"
@@ -623,8 +639,10 @@ def _bound(ranking: Ranking, records: StudyRecords, corr: pd.DataFrame) -> str:
     main = corr[corr["measure"] == "bound/risk_bound"].iloc[0]
     parts = ", ".join(f"ψ_{c[4:]} = {main[c]:.3f}" for c in corr.columns if c.startswith("psi_"))
     text = (
-        "<p class=muted>Risk bound = train risk (clipped at B) + complexity C + 2·L̂·D. L̂ is an "
-        "estimated Lipschitz constant, so the risk bound is a ranking signal, not a certificate.</p>"
+        "<p class=muted>Risk bound = R̂_S,B at the reference iterate nearest the final S-iterate + "
+        "complexity C + L_pop·d (DESIGN.md §2). L_pop, the norm of the mean gradient of the clipped loss "
+        "along the segment, is estimated on V, so the risk bound is an estimate, not a certificate; "
+        "above B it is vacuous.</p>"
         f"<p>Across the study the risk bound orders trials like the observed gap (val loss − train "
         f"loss) with Kendall's τ = {main['tau']:.3f} and granulated Kendall Ψ = {main['Psi']:.3f} "
         f"({parts}). τ near 1: the bound ranks like the gap; a small ψ for one hyperparameter: the "
@@ -647,9 +665,10 @@ def _trajectories(records: StudyRecords) -> str:
     distance, panels = rp.trajectory_figures(records.trajectories, records.selected, decoupling, pca_2d)
     note = (
         "<p class=muted>The empirical run trains on S, the reference run on H, from the same start with "
-        "the same minibatch positions; D, the Hausdorff distance between the two recorded trajectories, "
-        "drives the bound; it is at most the largest step-by-step distance, since it pairs each iterate with "
-        "the closest iterate of the other run at any step. Projections are per trial (their own "
+        "the same minibatch positions; D, the one-way distance (each recorded S-iterate to its nearest "
+        "recorded H-iterate, the largest of these), drives the bound; it is at most the largest "
+        "step-by-step distance, since it pairs each iterate with the closest iterate of the other run at "
+        "any step. Projections are per trial (their own "
         "principal axes) on a common scale.</p>"
     )
     return note + rp.fig_html(distance, 420) + rp.fig_html(panels)

@@ -500,15 +500,19 @@ def learning_curve_figure(curves: dict[int, dict[str, pd.Series]], recommended: 
 
 
 def certificate_figure(certified: pd.DataFrame, recommended: int | None) -> go.Figure:
-    """Per certified trial: the certified error bound of Q next to the test-free estimates
-    (training and validation error of the final weights), with the trivial bound."""
+    """Per certified trial: the certified error bounds (of the final weights, from H; of Q) next to
+    the test-free estimates (training and validation error of the final weights), with the trivial
+    bound."""
     labels = [f"trial {int(t)}{' ★' if t == recommended else ''}" for t in certified["trial"]]
     fig = go.Figure()
     for column, label, colour in (
         ("train/error", "training error (final weights)", "#aec7e8"),
         ("val/error", "validation error (final weights, estimate)", "#1f77b4"),
-        ("certificate/bound", "certificate: error of Q, certified", RECOMMENDED),
+        ("certificate/heldout_error", "held-out certificate: error of the final weights", "#ff7f0e"),
+        ("certificate/bound", "PAC-Bayes certificate: error of Q", RECOMMENDED),
     ):
+        if column not in certified:
+            continue
         fig.add_trace(
             go.Bar(
                 x=labels,
