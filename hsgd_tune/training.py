@@ -777,12 +777,10 @@ def _stacked_chunk(shapes, iterates, x, y, task, loss_clip) -> torch.Tensor:
     return (sq.sqrt() * (loss.detach() < loss_clip)).detach()
 
 
-def batched_gradient_norms(
-    model: nn.Module, trajectories: np.ndarray, data: Dataset, loss_clip: float, m: int, seed: int
-) -> np.ndarray:
-    """:func:`clipped_gradient_norms` for any model: ``vmap`` over iterates of ``vmap(grad)`` over
-    examples, in chunks of iterates that hold at most ``_CHUNK_ELEMENTS`` per-example gradient floats.
-    Equals :func:`_vmap_gradient_norms` (one iterate at a time) to float rounding."""
+def _functional_loss(model: nn.Module, data: Dataset, m: int, seed: int):
+    """What both per-example gradient-norm paths need: a CPU copy of ``model``, the subsample (x, y)
+    of :func:`lipschitz_subsample`, the parameters' names, shapes and sizes (to unflatten an
+    iterate), and the loss of one example as a function of the parameters (for ``grad``)."""
     model = copy.deepcopy(model).cpu()
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)
@@ -794,6 +792,17 @@ def batched_gradient_norms(
     def loss_one(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, params, (xi.unsqueeze(0),))
         return per_example_loss(out, yi.unsqueeze(0), data.task)[0]
+
+    return model, x, y, names, shapes, sizes, loss_one
+
+
+def batched_gradient_norms(
+    model: nn.Module, trajectories: np.ndarray, data: Dataset, loss_clip: float, m: int, seed: int
+) -> np.ndarray:
+    """:func:`clipped_gradient_norms` for any model: ``vmap`` over iterates of ``vmap(grad)`` over
+    examples, in chunks of iterates that hold at most ``_CHUNK_ELEMENTS`` per-example gradient floats.
+    Equals :func:`_vmap_gradient_norms` (one iterate at a time) to float rounding."""
+    model, x, y, names, shapes, sizes, loss_one = _functional_loss(model, data, m, seed)
 
     def norms_one(flat: torch.Tensor) -> torch.Tensor:  # (p,) one iterate → (m,)
         params = {n: c.view(s) for n, c, s in zip(names, flat.split(sizes), shapes, strict=True)}
@@ -815,17 +824,7 @@ def _vmap_gradient_norms(
 ) -> np.ndarray:
     """The per-iterate ``vmap(grad)`` path of :func:`clipped_gradient_norms`, for any model (the
     reference :func:`batched_gradient_norms` is tested against)."""
-    model = copy.deepcopy(model).cpu()
-    x_np, y_np = lipschitz_subsample(data, m, seed)
-    x = torch.as_tensor(x_np)
-    y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
-    names = [name for name, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def loss_one(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, params, (xi.unsqueeze(0),))
-        return per_example_loss(out, yi.unsqueeze(0), data.task)[0]
+    model, x, y, names, shapes, sizes, loss_one = _functional_loss(model, data, m, seed)
 
     per_example_grad = vmap(grad(loss_one), in_dims=(None, 0, 0))
     runs, n_points, _ = trajectories.shape

@@ -14,14 +14,13 @@ import time
 
 import pytest
 import requests
-from test_mlflow_server import free_port
+from test_mlflow_server import free_port, mlflow_server
 from tiny_study import TINY_STUDY, write_tiny_study
 
 from hsgd_tune.config import load_study
 from hsgd_tune.mlflow_views import COLUMNS, SHARED_VIEW_TAG, study_views, view_state
 from hsgd_tune.objective import config_params
 from hsgd_tune.tracking import EXPERIMENT_KIND, Tracker
-from hsgd_tune.ui import stop, wait_until_up
 
 # -- params -----------------------------------------------------------------------------------
 
@@ -54,20 +53,8 @@ def test_a_new_experiment_is_a_custom_model_development_experiment(workdir):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("server")
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-        "--artifacts-destination", str(folder / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_until_up(proc, f"http://127.0.0.1:{port}/health", "mlflow server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with mlflow_server(tmp_path_factory.mktemp("server")) as url:
+        yield url
 
 
 def _study_runs(tracker: Tracker, study: str) -> tuple[str, dict[int, str]]:

@@ -32,14 +32,7 @@ def hausdorff_distance(a: np.ndarray, b: np.ndarray, chunk_rows: int = 256) -> f
         The distance, accurate to the rounding of a direct ``|x - y|`` (not only to the
         ``|x|^2 + |y|^2 - 2 x.y`` expansion used to search for nearest points).
     """
-    a = _checks.point_set("a", a)
-    b = _checks.point_set("b", b)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b must have the same number of columns p, got {a.shape!r} and {b.shape!r}")
-    chunk_rows = _checks.count("chunk_rows", chunk_rows)
-    # Hausdorff distance is translation invariant. Centering on the common mean shrinks the norms
-    # that the expansion's rounding error scales with, so far fewer candidate pairs survive.
-    center = (a.sum(axis=0) + b.sum(axis=0)) / (a.shape[0] + b.shape[0])
+    a, b, chunk_rows, center = _checked_pair(a, b, chunk_rows)
     a_centered, b_centered = a - center, b - center
     return max(
         _directed(a, b, a_centered, b_centered, chunk_rows),
@@ -62,13 +55,21 @@ def nearest_points(a: np.ndarray, b: np.ndarray, chunk_rows: int = 256) -> tuple
         ``(j, d)``: (N,) int indices into b (the lowest index on a tie) and (N,) distances
         ``|a_k - b_{j(k)}|``, accurate to the rounding of a direct difference.
     """
+    a, b, chunk_rows, center = _checked_pair(a, b, chunk_rows)
+    return _nearest(a, b, a - center, b - center, chunk_rows)
+
+
+def _checked_pair(a, b, chunk_rows: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Both point sets checked (same p), ``chunk_rows`` checked, and their common mean. Distances are
+    translation invariant; centering on the common mean shrinks the norms that the
+    ``|x|^2 + |y|^2 - 2 x.y`` expansion's rounding error scales with, so far fewer candidate pairs
+    survive the search."""
     a = _checks.point_set("a", a)
     b = _checks.point_set("b", b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must have the same number of columns p, got {a.shape!r} and {b.shape!r}")
-    chunk_rows = _checks.count("chunk_rows", chunk_rows)
     center = (a.sum(axis=0) + b.sum(axis=0)) / (a.shape[0] + b.shape[0])
-    return _nearest(a, b, a - center, b - center, chunk_rows)
+    return a, b, _checks.count("chunk_rows", chunk_rows), center
 
 
 def one_way_distance(a: np.ndarray, b: np.ndarray) -> float:
