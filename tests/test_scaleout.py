@@ -40,6 +40,9 @@ widths = [8]
 [search.learning_rate]
 low = 0.01
 high = 0.3
+# A fine grid (about 1500 values): workers proposing the same point would then be a seeding fault,
+# not two random draws snapped to one of the default grid's 16 values.
+points_per_decade = 1000
 [search.batch_size]
 choices = [8, 16, 32]
 [training]
