@@ -4,7 +4,7 @@ measured on a large test split.
 On the synthetic teacher task (unlimited rows, so a large test split T), run ``--studies`` studies of
 ``--trials`` trials each with the study's own sampler (TPE by default: each configuration is chosen
 from earlier results on S, the case a union over trial numbers does not cover) and the real trial
-(:func:`hsgd_tune.objective.evaluate`, every certificate computed in every trial). For every certified
+(:func:`hsgd_tune.search.objective.evaluate`, every certificate computed in every trial). For every certified
 statement, count the trials where it is false on T:
 
 * ``C`` (complexity): ``R_B(w^H_j) − R̂_{S,B}(w^H_j) ≤ C`` for every recorded reference iterate j;
@@ -32,14 +32,15 @@ import numpy as np
 import optuna
 import torch
 
-from hsgd_tune import bound, grid
-from hsgd_tune.config import parse_study
-from hsgd_tune.data import load_dataset
-from hsgd_tune.diagnostics import FlatModel, iterate_errors, iterate_risks, pointwise_draw_errors
+from hsgd_tune import bound
+from hsgd_tune.certify.diagnostics import FlatModel, iterate_errors, iterate_risks, pointwise_draw_errors
+from hsgd_tune.data.datasets import load_dataset
 from hsgd_tune.errors import DivergedError
-from hsgd_tune.objective import evaluate
-from hsgd_tune.study import make_sampler, sample_params
-from hsgd_tune.training import H_RUN, S_RUN
+from hsgd_tune.search.objective import evaluate
+from hsgd_tune.search.study import make_sampler, sample_params
+from hsgd_tune.studyfile import grid
+from hsgd_tune.studyfile.config import parse_study
+from hsgd_tune.train.twin import H_RUN, S_RUN
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DELTA = 0.05

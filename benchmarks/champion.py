@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from hsgd_tune.config import load_study
-from hsgd_tune.data import split_indices
-from hsgd_tune.pick import load_trial_model
-from hsgd_tune.tracking import Tracker
+from hsgd_tune.advise.pick import load_trial_model
+from hsgd_tune.data.datasets import split_indices
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.track.tracker import Tracker
 
 
 def main() -> None:

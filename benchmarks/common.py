@@ -24,12 +24,12 @@ import pandas as pd
 import torch
 
 import hsgd_tune
-from hsgd_tune.config import StudyConfig, parse_study
-from hsgd_tune.data import Dataset, DataWarning, Split, load_dataset
+from hsgd_tune.data.datasets import Dataset, DataWarning, Split, load_dataset
 from hsgd_tune.errors import DivergedError
-from hsgd_tune.models import build_model, load_flat_parameters
-from hsgd_tune.objective import TrialOutcome, evaluate
-from hsgd_tune.training import S_RUN, per_example_error, per_example_loss
+from hsgd_tune.search.objective import TrialOutcome, evaluate
+from hsgd_tune.studyfile.config import StudyConfig, parse_study
+from hsgd_tune.train.models import build_model, load_flat_parameters
+from hsgd_tune.train.twin import S_RUN, per_example_error, per_example_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

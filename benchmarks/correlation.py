@@ -1,7 +1,7 @@
 """Does the bound rank trials like the observed generalization gap does? (issue #6, item 1)
 
 For an lr × batch-size grid and several seeds, on digits and on the synthetic teacher task, this
-computes Kendall's τ and the granulated Kendall Ψ (``hsgd_tune.correlation``; Jiang et al. 2020, §3)
+computes Kendall's τ and the granulated Kendall Ψ (``hsgd_tune.advise.correlation``; Jiang et al. 2020, §3)
 between each measure and the observed gap, for two gaps of the S-model:
 
 - final: test loss − train loss (full S, raw cross-entropy) at the last iterate;
@@ -35,7 +35,7 @@ from benchmarks.common import (
     markdown,
     use_one_thread,
 )
-from hsgd_tune.correlation import granulated_kendall, kendall_tau
+from hsgd_tune.advise.correlation import granulated_kendall, kendall_tau
 
 FULL = Budget(steps=1000, record_every=25, seeds=3, n_test_synthetic=20000, extras=True)
 QUICK = Budget(steps=300, record_every=25, seeds=2, n_test_synthetic=5000)

@@ -5,7 +5,7 @@ from ``benchmarks/user_models.py``) and batch size, the same model on digits, sa
 
 - *plain*: one Optuna trial around an ``nn.Module`` + ``torch.optim.SGD`` loop (no twin, no bound,
   no MLflow) — what a user would run without the advisor;
-- *ours*: one trial of :class:`hsgd_tune.objective.Objective` in a study stored as the quick-start's
+- *ours*: one trial of :class:`hsgd_tune.search.objective.Objective` in a study stored as the quick-start's
   is (Optuna journal file, MLflow SQLite with artifacts, in a temporary folder): twin run, gradient
   norms, bound, logging; the certificate and diagnostics as the quick-start has them (after the study,
   for the Pareto front), and with ``--every-trial-diagnostics`` also inside every trial,
@@ -46,13 +46,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # benchmarks.user_models, as an entry point
 
-from hsgd_tune.config import ModelConfig, load_study  # noqa: E402
-from hsgd_tune.data import load_dataset  # noqa: E402
-from hsgd_tune.models import build_model, model_spec  # noqa: E402
-from hsgd_tune.objective import Objective, evaluate  # noqa: E402
-from hsgd_tune.study import open_storage  # noqa: E402
-from hsgd_tune.tracking import Tracker  # noqa: E402
-from hsgd_tune.training import (  # noqa: E402
+from hsgd_tune.data.datasets import load_dataset  # noqa: E402
+from hsgd_tune.search.objective import Objective, evaluate  # noqa: E402
+from hsgd_tune.search.storage import open_storage  # noqa: E402
+from hsgd_tune.studyfile.config import ModelConfig, load_study  # noqa: E402
+from hsgd_tune.track.tracker import Tracker  # noqa: E402
+from hsgd_tune.train.models import build_model, model_spec  # noqa: E402
+from hsgd_tune.train.twin import (  # noqa: E402
     _vmap_gradient_norms,
     clipped_gradient_norms,
     minibatch_positions,
@@ -148,7 +148,9 @@ def install_call_log() -> CallLog:
     log = CallLog()
     log.install(MlflowClient, "mlflow")
     log.install(JournalStorage, "optuna")
-    log.install(JournalFileBackend, "optuna journal", ["append_logs"])  # hsgd_tune.study.set_user_attrs
+    log.install(
+        JournalFileBackend, "optuna journal", ["append_logs"]
+    )  # hsgd_tune.search.study.set_user_attrs
     return log
 
 

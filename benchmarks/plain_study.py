@@ -3,7 +3,7 @@
 Optuna's TPE sampler (seeded as the study seed) searches the quick-start's learning rate (log scale,
 0.005–0.5) and batch size (8, 16, 32, 64, 128) for the same trials; each trial trains the quick-start's
 MLP (64, 64) on digits (the same 500 training and 500 validation rows as the quick-start, from
-``hsgd_tune.data``) with ``torch.optim.SGD`` for the same steps at the same minibatch positions, and
+``hsgd_tune.data.datasets``) with ``torch.optim.SGD`` for the same steps at the same minibatch positions, and
 logs its params, the final validation loss and the minibatch-loss curve (every ``record_every``
 steps) to its own MLflow run under a parent run, in a SQLite store under ``mlruns/``, with Optuna's
 journal file there too: one run per trial, as the quick-start has. No twin, no bound, no certificate.
@@ -21,9 +21,9 @@ import optuna
 import torch
 from torch import nn
 
-from hsgd_tune.config import load_study
-from hsgd_tune.data import load_dataset
-from hsgd_tune.training import minibatch_positions
+from hsgd_tune.data.datasets import load_dataset
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.train.twin import minibatch_positions
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.toml"
 

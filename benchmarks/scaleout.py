@@ -54,7 +54,7 @@ def measure(workers: int, trials: int, steps: int) -> float:
         command = [
             sys.executable,
             "-m",
-            "hsgd_tune.cli",
+            "hsgd_tune.cli.main",
             "run",
             str(study),
             "--quiet",

@@ -3,7 +3,7 @@
 Every study holds S (train), H (reference) and V (validation). A plain Optuna user with the same rows
 would train on S and validate on V ∪ H: that is the **peer** every rule is compared with. The twin
 run gives more: the S-model is held out on H, and the H-model (same configuration, trained on H) is
-held out on S, a 2-fold cross-fit at no extra training (hsgd_tune/heldout.py). Every rule deploys the
+held out on S, a 2-fold cross-fit at no extra training (hsgd_tune/certify/estimates.py). Every rule deploys the
 S-model of the trial it picks, so only the choice differs; we report the test loss of that S-model.
 
 Per seed (one study: its own splits, initialisation and minibatches) and task, two candidate sets
@@ -56,11 +56,11 @@ from scipy import stats
 import hsgd_tune
 from benchmarks.common import BATCH_SIZES, LEARNING_RATES, RESULTS, Clock, header, markdown, use_one_thread
 from hsgd_tune.bound import kl_inverse_upper
-from hsgd_tune.config import StudyConfig, parse_study
-from hsgd_tune.data import Dataset, DataWarning, load_dataset
+from hsgd_tune.certify.estimates import crossfit_mean_se, mean_se, per_example, pooled_mean_se
+from hsgd_tune.data.datasets import Dataset, DataWarning, load_dataset
 from hsgd_tune.errors import DivergedError
-from hsgd_tune.heldout import crossfit_mean_se, mean_se, per_example, pooled_mean_se
-from hsgd_tune.objective import evaluate
+from hsgd_tune.search.objective import evaluate
+from hsgd_tune.studyfile.config import StudyConfig, parse_study
 
 #: S, H, V, T of each task. Digits: 1797 rows; breast cancer: 569 rows (100 + 100 + 200 + 169).
 TASKS = {
@@ -202,7 +202,15 @@ def tpe_trials(cfg: StudyConfig, data: Dataset, n_trials: int) -> list[dict]:
 def source_version() -> str:
     """Hash of the grid and of the source that determines a trial (not ranking, report, CLI...)."""
     package = Path(hsgd_tune.__file__).resolve().parent
-    names = ("training.py", "data.py", "models.py", "heldout.py", "objective.py", "noise.py", "sketch.py")
+    names = (
+        "train/twin.py",
+        "train/models.py",
+        "train/noise.py",
+        "train/sketch.py",
+        "data/datasets.py",
+        "certify/estimates.py",
+        "search/objective.py",
+    )
     digest = hashlib.sha256(repr((LEARNING_RATES, BATCH_SIZES)).encode())
     for path in sorted([package / n for n in names] + list((package / "bound").glob("*.py"))):
         digest.update(path.read_bytes())
@@ -266,7 +274,7 @@ def tolerance_pick(estimate: np.ndarray, prefer: np.ndarray, tolerance: float) -
 
 
 def _per_trial(estimate, *columns) -> tuple[np.ndarray, np.ndarray]:
-    """``estimate`` (a hsgd_tune.heldout function) of each trial's arrays: means (t,), SEs (t,)."""
+    """``estimate`` (a hsgd_tune.certify.estimates function) of each trial's arrays: means (t,), SEs (t,)."""
     pairs = np.array([estimate(*arrays) for arrays in zip(*columns, strict=True)])  # (t, 2)
     return pairs[:, 0], pairs[:, 1]
 

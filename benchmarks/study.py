@@ -34,7 +34,7 @@ from pathlib import Path
 
 import optuna
 
-from hsgd_tune.studyfile import dumps_toml
+from hsgd_tune.studyfile.export import dumps_toml
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "studies" / "quickstart.toml"
@@ -69,7 +69,7 @@ def run_ours(trials: int, steps: int, certificates: bool, threads: int) -> dict[
         command = [
             sys.executable,
             "-m",
-            "hsgd_tune.cli",
+            "hsgd_tune.cli.main",
             "run",
             str(study),
             "--quiet",

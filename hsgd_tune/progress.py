@@ -15,7 +15,7 @@ _listener: ContextVar[Callable[[int, int], None] | None] = ContextVar("hsgd_step
 
 
 def steps_done(step: int, total: int) -> None:
-    """``step`` of ``total`` SGD steps are done (called by training.py at recorded steps)."""
+    """``step`` of ``total`` SGD steps are done (called by train/twin.py at recorded steps)."""
     listener = _listener.get()
     if listener is not None:
         listener(step, total)

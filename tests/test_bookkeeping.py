@@ -9,7 +9,7 @@ import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
-from hsgd_tune.study import set_user_attrs
+from hsgd_tune.search.study import set_user_attrs
 
 ATTRS = {"bound/risk_bound": 12.5, "val/loss": 0.21, "worker": {"pid": 7}, "note": "x"}
 
@@ -70,7 +70,7 @@ def test_rdb_writes_all_attributes_in_one_transaction(tmp_path):
 def test_local_store_is_in_wal_mode_and_trial_artifacts_are_written_in_place(workdir):
     import sqlite3
 
-    from hsgd_tune.tracking import Tracker
+    from hsgd_tune.track.tracker import Tracker
 
     tracker = Tracker()
     mode = sqlite3.connect(workdir / "mlruns" / "mlflow.db").execute("PRAGMA journal_mode").fetchone()[0]

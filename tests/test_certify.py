@@ -1,4 +1,4 @@
-"""Certificates after the study (hsgd_tune.certify): the same numbers as inside the trial, for the
+"""Certificates after the study (hsgd_tune.search.certification): the same numbers as inside the trial, for the
 Pareto front by default, on request for other trials, once per trial; through `run`, `certify` and
 `pick`, on real Optuna journal files and real MLflow SQLite stores."""
 
@@ -14,13 +14,13 @@ import optuna
 import pytest
 from tiny_study import TINY_STUDY, write_tiny_study
 
-from hsgd_tune.certify import AFTER_STUDY, DIAGNOSTICS_TAG, certify, front_trials
-from hsgd_tune.cli import main
-from hsgd_tune.config import load_study
-from hsgd_tune.runner import run_study
-from hsgd_tune.study import open_storage
-from hsgd_tune.tracking import Tracker
-from hsgd_tune.worker import WorkerOptions
+from hsgd_tune.cli.main import main
+from hsgd_tune.search.certification import AFTER_STUDY, DIAGNOSTICS_TAG, certify, front_trials
+from hsgd_tune.search.runner import run_study
+from hsgd_tune.search.storage import open_storage
+from hsgd_tune.search.worker import WorkerOptions
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.track.tracker import Tracker
 
 # One objective, so the Pareto front is the best trial and the other four are not on it; a short
 # posterior fit and few noise draws keep each certificate well under a second.

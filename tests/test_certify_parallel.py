@@ -9,11 +9,11 @@ import optuna
 import pytest
 from tiny_study import TINY_STUDY, write_tiny_study
 
-from hsgd_tune.certify import PARALLEL_FROM, certify, complete_trials, parallel_workers
-from hsgd_tune.config import load_study
-from hsgd_tune.runner import run_study
-from hsgd_tune.study import open_storage
-from hsgd_tune.tracking import Tracker
+from hsgd_tune.search.certification import PARALLEL_FROM, certify, complete_trials, parallel_workers
+from hsgd_tune.search.runner import run_study
+from hsgd_tune.search.storage import open_storage
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.track.tracker import Tracker
 
 STUDY = (
     TINY_STUDY
@@ -63,5 +63,5 @@ def test_parallel_certificates_equal_sequential_ones_bit_for_bit(tmp_path, monke
     "cores, trials, expected", [(2, PARALLEL_FROM, 2), (2, PARALLEL_FROM - 1, 1), (1, 12, 1), (16, 5, 5)]
 )
 def test_parallel_workers_only_where_worth_their_start(cores, trials, expected, monkeypatch):
-    monkeypatch.setattr("hsgd_tune.worker.default_threads", lambda: cores)  # idle cores
+    monkeypatch.setattr("hsgd_tune.search.certification.default_threads", lambda: cores)  # idle cores
     assert parallel_workers(trials) == expected

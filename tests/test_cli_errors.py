@@ -3,7 +3,7 @@
 Each case writes a valid study (the quick-start with one short trial) with exactly one defect into an
 empty working directory, runs ``hsgd-tune run`` on it, and checks that the user sees one clear line,
 no traceback, and that no Optuna study and no MLflow experiment or run was created (``mlruns/`` stays
-absent). Most cases call :func:`hsgd_tune.cli.main` in-process (a subprocess imports torch, Optuna
+absent). Most cases call :func:`hsgd_tune.cli.main.main` in-process (a subprocess imports torch, Optuna
 and MLflow: seconds each); a few go through the real console script.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hsgd_tune.cli import build_parser, main
+from hsgd_tune.cli.main import build_parser, main
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.toml"
 NAME = "cli-errors"
@@ -228,8 +228,8 @@ def test_bad_study_error_names_the_study_file(workdir, capsys, case):
 
 def test_valid_bases_pass_every_check(workdir):
     """Each case's only defect is its own: the study files it starts from pass load and prepare."""
-    from hsgd_tune.config import load_study, with_run
-    from hsgd_tune.runner import prepare
+    from hsgd_tune.search.prepare import prepare
+    from hsgd_tune.studyfile.config import load_study, with_run
 
     _write_csv(workdir)
     for name, text in [("base.toml", _base()), ("csv.toml", _csv_base())]:

@@ -1,4 +1,4 @@
-"""Tests for hsgd_tune.config: the study file → frozen dataclasses, and every validation rule.
+"""Tests for hsgd_tune.studyfile.config: the study file → frozen dataclasses, and every validation rule.
 
 Each rule is shown by the smallest study that breaks it: a valid base document with one change. The
 error must name the key (and, via ``load_study``, the file), the rule and the value.
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from hsgd_tune.config import Knob, load_study, parse_study, with_run
 from hsgd_tune.errors import ConfigError
+from hsgd_tune.studyfile.config import Knob, load_study, parse_study, with_run
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.toml"
 
@@ -484,7 +484,7 @@ def _unique_module() -> str:
 def test_entry_point_resolves_next_to_the_study_file_and_builds_a_module(workdir):
     import torch
 
-    from hsgd_tune.models import build_model, model_spec
+    from hsgd_tune.train.models import build_model, model_spec
 
     module = _unique_module()
     path = _entry_point_study(workdir / "elsewhere", f"{module}:build")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy.stats import kendalltau
 
-from hsgd_tune.correlation import granulated_kendall, kendall_tau
+from hsgd_tune.advise.correlation import granulated_kendall, kendall_tau
 
 # ---------------------------------------------------------------------------------------------
 # kendall_tau

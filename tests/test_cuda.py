@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_lockstep import CNN, make_data, plain_sgd, settings
 
-from hsgd_tune import training
-from hsgd_tune.models import ModelSpec
-from hsgd_tune.training import (
+from hsgd_tune.train import twin as training
+from hsgd_tune.train.models import ModelSpec
+from hsgd_tune.train.twin import (
     H_RUN,
     S_RUN,
     FuncTwin,
@@ -80,7 +80,7 @@ def test_user_model_twins_on_cuda_equal_the_cpu(kind, monkeypatch):
 
 
 def _cnn(seed: int):
-    from hsgd_tune.models import build_cnn
+    from hsgd_tune.train.models import build_cnn
 
     torch.manual_seed(seed)
     return build_cnn(CNN)

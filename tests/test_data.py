@@ -1,4 +1,4 @@
-"""Tests for hsgd_tune.data: sources, splits, standardization, errors."""
+"""Tests for hsgd_tune.data.datasets: sources, splits, standardization, errors."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hsgd_tune.config import DataConfig, SyntheticConfig
-from hsgd_tune.data import Dataset, DataWarning, load_dataset, split_indices
+from hsgd_tune.data.datasets import Dataset, DataWarning, load_dataset, split_indices
 from hsgd_tune.errors import ConfigError, DataError
+from hsgd_tune.studyfile.config import DataConfig, SyntheticConfig
 
-# data.py is duck-typed on these; the tests use the real config classes.
+# data/datasets.py is duck-typed on these; the tests use the real config classes.
 _SynthCfg, _DataCfg = SyntheticConfig, DataConfig
 
 
@@ -373,7 +373,7 @@ def test_csv_regression_with_text_target_is_data_error(tmp_path):
 
 def test_csv_classes_and_task_are_read_from_the_rows_outside_s(tmp_path):
     """Inferred from every row, the model's outputs (so the reference run) would depend on S."""
-    from hsgd_tune.data import split_indices
+    from hsgd_tune.data.datasets import split_indices
 
     labels = [i % 3 for i in range(30)]
     cfg = _csv_cfg(tmp_path / "data.csv", n_train=10, n_val=5)

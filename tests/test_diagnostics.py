@@ -1,4 +1,4 @@
-"""Torch-side measurements (hsgd_tune.diagnostics, hsgd_tune.noise) and their use in a trial.
+"""Torch-side measurements (hsgd_tune.certify.diagnostics, hsgd_tune.train.noise) and their use in a trial.
 
 Closed forms come from least squares with a linear model: the Hessian of ``mean (x·w + b - y)²`` is
 ``(2/n) X̃ᵀX̃`` with ``X̃ = [X, 1]`` (flat weights are ``[w, b]``), constant in w.
@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from hsgd_tune import bound
-from hsgd_tune.config import parse_study
-from hsgd_tune.data import Dataset, Split
-from hsgd_tune.diagnostics import (
+from hsgd_tune.certify.diagnostics import (
     FlatModel,
     fit_posterior,
     gradient_mismatch,
@@ -23,11 +21,13 @@ from hsgd_tune.diagnostics import (
     pointwise_draw_errors,
     top_hessian_eigenvalue,
 )
+from hsgd_tune.data.datasets import Dataset, Split
 from hsgd_tune.errors import ConfigError
-from hsgd_tune.models import ModelSpec, build_model, flat_parameters
-from hsgd_tune.noise import LevyNoise, subordinators
-from hsgd_tune.objective import evaluate
-from hsgd_tune.training import H_RUN, S_RUN, TrainSettings, train_twin
+from hsgd_tune.search.objective import evaluate
+from hsgd_tune.studyfile.config import parse_study
+from hsgd_tune.train.models import ModelSpec, build_model, flat_parameters
+from hsgd_tune.train.noise import LevyNoise, subordinators
+from hsgd_tune.train.twin import H_RUN, S_RUN, TrainSettings, train_twin
 
 D = 4
 
@@ -194,8 +194,8 @@ def test_gradient_noise_samples_are_independent_minibatches_not_one_epoch():
 
 
 def test_the_heldout_certificate_is_the_kl_bound_of_the_final_models_errors_on_h(tmp_path):
-    from hsgd_tune.data import load_dataset
-    from hsgd_tune.grid import statement_deltas
+    from hsgd_tune.data.datasets import load_dataset
+    from hsgd_tune.studyfile.grid import statement_deltas
 
     cfg = parse_study({**STUDY, "objectives": {"minimize": ["val_loss", "risk_bound"]}}, tmp_path)
     data = load_dataset(cfg.data, cfg.seed)
@@ -228,7 +228,7 @@ STUDY = {
 
 
 def test_a_trial_logs_certificate_tail_index_and_analytic_bounds(tmp_path):
-    from hsgd_tune.data import load_dataset
+    from hsgd_tune.data.datasets import load_dataset
 
     cfg = parse_study(STUDY, tmp_path)
     data = load_dataset(cfg.data, cfg.seed)
@@ -284,7 +284,7 @@ def test_noise_knobs_may_be_searched_for_builtin_models(tmp_path):
 
 def test_iterate_risks_and_mean_gradient_norms_match_a_loop_over_weights():
     """The batched risks and L_pop gradients equal per-weight autograd on the clipped mean loss."""
-    from hsgd_tune.diagnostics import iterate_risks, mean_gradient_norms
+    from hsgd_tune.certify.diagnostics import iterate_risks, mean_gradient_norms
 
     fm, w, x, y = classification_setup()
     rng = np.random.default_rng(0)

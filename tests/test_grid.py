@@ -10,10 +10,10 @@ import numpy as np
 import optuna
 import pytest
 
-from hsgd_tune import grid
 from hsgd_tune.bound import complexity_term
-from hsgd_tune.config import Knob, SearchConfig, load_study
-from hsgd_tune.study import make_sampler, sample_params
+from hsgd_tune.search.study import make_sampler, sample_params
+from hsgd_tune.studyfile import grid
+from hsgd_tune.studyfile.config import Knob, SearchConfig, load_study
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml"
 

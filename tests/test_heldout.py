@@ -1,4 +1,4 @@
-"""Held-out estimates and their standard errors (hsgd_tune/heldout.py), against naive computations."""
+"""Held-out estimates and their standard errors (hsgd_tune/certify/estimates.py), against naive computations."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hsgd_tune.heldout import crossfit_mean_se, heldout_estimates, mean_se, pooled_mean_se
-from hsgd_tune.models import build_model, load_flat_parameters
-from hsgd_tune.training import H_RUN, S_RUN, per_example_loss, train_twin
+from hsgd_tune.certify.estimates import crossfit_mean_se, heldout_estimates, mean_se, pooled_mean_se
+from hsgd_tune.train.models import build_model, load_flat_parameters
+from hsgd_tune.train.twin import H_RUN, S_RUN, per_example_loss, train_twin
 from tests.test_training import BUILTIN, make_data, settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -133,9 +133,9 @@ def test_sketched_run_without_final_weights_skips_crossfit_and_says_why():
 def test_every_finished_trial_logs_its_estimates_and_crossfit_loss_can_be_an_objective(workdir):
     from mlflow import MlflowClient
 
-    from hsgd_tune.config import load_study
-    from hsgd_tune.runner import run_study
-    from hsgd_tune.study import lookup_study
+    from hsgd_tune.search.runner import run_study
+    from hsgd_tune.search.study import lookup_study
+    from hsgd_tune.studyfile.config import load_study
     from tests.tiny_study import TINY_STUDY, write_tiny_study
 
     text = TINY_STUDY.replace("n_trials = 5", "n_trials = 3")

@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from hsgd_tune import training
-from hsgd_tune.config import load_study, parse_study
-from hsgd_tune.data import Dataset, Split
+from hsgd_tune.data.datasets import Dataset, Split
 from hsgd_tune.errors import ConfigError
-from hsgd_tune.models import ModelSpec, build_model, flat_parameters
-from hsgd_tune.studyfile import config_from_dict
-from hsgd_tune.training import (
+from hsgd_tune.studyfile.config import load_study, parse_study
+from hsgd_tune.studyfile.export import config_from_dict
+from hsgd_tune.train import twin as training
+from hsgd_tune.train.models import ModelSpec, build_model, flat_parameters
+from hsgd_tune.train.twin import (
     H_RUN,
     S_RUN,
     FuncTwin,
@@ -136,13 +136,13 @@ def test_batched_gradient_norms_in_small_chunks_equal_one_chunk(monkeypatch):
 
 
 def test_cnn_study_file_on_digits_loads_and_its_shape_fits_the_data():
-    from hsgd_tune.runner import prepare
+    from hsgd_tune.search.prepare import prepare
 
     cfg = load_study(STUDIES / "cnn_digits.toml")
     assert cfg.model.kind == "cnn" and cfg.model.image_shape == (1, 8, 8)
     short = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, steps=10, record_every=5))
     data = prepare(short)  # builds the model: image_shape must multiply to the 64 features
-    from hsgd_tune.objective import evaluate
+    from hsgd_tune.search.objective import evaluate
 
     outcome = evaluate(short, data, {"learning_rate": 0.05, "batch_size": 16})
     assert outcome.run.twin == "grouped" and np.isfinite(outcome.bound.risk_bound)

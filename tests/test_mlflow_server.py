@@ -18,12 +18,12 @@ import pytest
 import requests
 from tiny_study import write_tiny_study
 
-from hsgd_tune.cli import main
-from hsgd_tune.config import load_study
-from hsgd_tune.runner import run_study
-from hsgd_tune.study import open_storage
-from hsgd_tune.tracking import Tracker
-from hsgd_tune.ui import stop, wait_until_up
+from hsgd_tune.advise.ui import stop, wait_until_up
+from hsgd_tune.cli.main import main
+from hsgd_tune.search.runner import run_study
+from hsgd_tune.search.storage import open_storage
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.track.tracker import Tracker
 
 
 def free_port() -> int:

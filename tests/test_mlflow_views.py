@@ -17,10 +17,10 @@ import requests
 from test_mlflow_server import free_port, mlflow_server
 from tiny_study import TINY_STUDY, write_tiny_study
 
-from hsgd_tune.config import load_study
-from hsgd_tune.mlflow_views import COLUMNS, SHARED_VIEW_TAG, study_views, view_state
-from hsgd_tune.objective import config_params
-from hsgd_tune.tracking import EXPERIMENT_KIND, Tracker
+from hsgd_tune.search.objective import config_params
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.track.tracker import EXPERIMENT_KIND, Tracker
+from hsgd_tune.track.views import COLUMNS, SHARED_VIEW_TAG, study_views, view_state
 
 # -- params -----------------------------------------------------------------------------------
 
@@ -119,7 +119,8 @@ def test_printed_links_open_the_trials_ranked_with_the_recommendation_filter(ser
 
 @pytest.mark.skipif(importlib.util.find_spec("optuna_dashboard") is None, reason="the dashboard extra")
 def test_ui_serves_the_study_in_optuna_dashboard(workdir):
-    from hsgd_tune.study import create_or_resume, open_storage
+    from hsgd_tune.search.storage import open_storage
+    from hsgd_tune.search.study import create_or_resume
 
     path = write_tiny_study(workdir)
     create_or_resume(load_study(path), open_storage(None), None)  # a study, no trial needed

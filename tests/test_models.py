@@ -1,4 +1,4 @@
-"""Tests for hsgd_tune.models: built-in models, specs, flat parameter vectors."""
+"""Tests for hsgd_tune.train.models: built-in models, specs, flat parameter vectors."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from hsgd_tune.config import ModelConfig
 from hsgd_tune.errors import ConfigError
-from hsgd_tune.models import (
+from hsgd_tune.studyfile.config import ModelConfig
+from hsgd_tune.train.models import (
     ModelSpec,
     build_model,
     count_parameters,

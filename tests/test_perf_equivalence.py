@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from hsgd_tune import training
-from hsgd_tune.data import Dataset, Split
-from hsgd_tune.models import ModelSpec, count_parameters
-from hsgd_tune.training import (
+from hsgd_tune.data.datasets import Dataset, Split
+from hsgd_tune.train import twin as training
+from hsgd_tune.train.models import ModelSpec, count_parameters
+from hsgd_tune.train.twin import (
     TrainSettings,
     _vmap_gradient_norms,
     clipped_gradient_norms,

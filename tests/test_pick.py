@@ -23,16 +23,16 @@ from champion import predict_in_fresh_process
 from sklearn.datasets import load_digits
 from tiny_study import TINY_STUDY, run_tiny_study, write_tiny_study
 
-from hsgd_tune.cli import main
-from hsgd_tune.config import load_study
-from hsgd_tune.data import split_indices
-from hsgd_tune.objective import evaluate
-from hsgd_tune.pick import load_trial_model
-from hsgd_tune.ranking import load_ranking
-from hsgd_tune.runner import prepare
-from hsgd_tune.study import open_storage
-from hsgd_tune.studyfile import config_from_dict, dumps_toml, study_file_dict
-from hsgd_tune.tracking import Tracker
+from hsgd_tune.advise.pick import load_trial_model
+from hsgd_tune.advise.ranking import load_ranking
+from hsgd_tune.cli.main import main
+from hsgd_tune.data.datasets import split_indices
+from hsgd_tune.search.objective import evaluate
+from hsgd_tune.search.prepare import prepare
+from hsgd_tune.search.storage import open_storage
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.studyfile.export import config_from_dict, dumps_toml, study_file_dict
+from hsgd_tune.track.tracker import Tracker
 
 # -- the study-file writer ------------------------------------------------------------------------
 

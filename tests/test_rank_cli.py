@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from tiny_study import TINY_STUDY, run_tiny_study, write_tiny_study
 
-from hsgd_tune.cli import main
-from hsgd_tune.config import load_study
+from hsgd_tune.advise.ranking import METRIC_ATTRS, recommend
+from hsgd_tune.cli.main import main
 from hsgd_tune.errors import ConfigError
-from hsgd_tune.ranking import METRIC_ATTRS, recommend
-from hsgd_tune.tracking import Tracker
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.track.tracker import Tracker
 
 
 def naive_recommend(within, prefer, tolerance):
@@ -97,7 +97,7 @@ def trial_values(study_name="tiny"):
 
 
 def optuna_storage():
-    from hsgd_tune.study import open_storage
+    from hsgd_tune.search.storage import open_storage
 
     return open_storage(None)
 

@@ -11,9 +11,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from tiny_study import TINY_STUDY, write_tiny_study
 
-from hsgd_tune.config import RankConfig, load_study
+from hsgd_tune.advise.ranking import rank_study, render, rule_name, rule_order, rule_text
 from hsgd_tune.errors import ConfigError
-from hsgd_tune.ranking import rank_study, render, rule_name, rule_order, rule_text
+from hsgd_tune.studyfile.config import RankConfig, load_study
 
 
 def naive_order(within, prefer, tolerance, se, k):

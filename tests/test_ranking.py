@@ -1,11 +1,11 @@
-"""Tests for hsgd_tune.ranking.pareto_ranks: non-dominated sorting for minimisation."""
+"""Tests for hsgd_tune.search.trials.pareto_ranks: non-dominated sorting for minimisation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from hsgd_tune.ranking import pareto_ranks
+from hsgd_tune.search.trials import pareto_ranks
 
 NAN = np.nan
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from tiny_study import TINY_STUDY, run_tiny_study, write_tiny_study
 
-from hsgd_tune.cli import main
-from hsgd_tune.correlation import kendall_tau
-from hsgd_tune.ranking import load_ranking
-from hsgd_tune.report import correlations, log_bins, pca_2d, trial_metrics
-from hsgd_tune.tracking import Tracker
+from hsgd_tune.advise.correlation import kendall_tau
+from hsgd_tune.advise.ranking import load_ranking
+from hsgd_tune.advise.report import correlations, log_bins, pca_2d, trial_metrics
+from hsgd_tune.cli.main import main
+from hsgd_tune.track.tracker import Tracker
 
 
 def test_few_distinct_values_are_kept_as_they_are():
@@ -111,8 +111,8 @@ def test_report_of_unknown_study_writes_nothing(in_tiny, capsys):
 
 
 def test_tail_index_heatmap_when_every_trial_measures_it(tmp_path, monkeypatch, one_torch_thread):
-    from hsgd_tune.config import load_study
-    from hsgd_tune.runner import run_study
+    from hsgd_tune.search.runner import run_study
+    from hsgd_tune.studyfile.config import load_study
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -131,7 +131,7 @@ def test_tail_index_heatmap_when_every_trial_measures_it(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("n_selected", [1, 2, 3, 4])
 def test_trajectory_plot_takes_any_number_of_selected_trials(tmp_path, n_selected):
     """3 selected trials on a 2 × 2 grid crashed the report (zip of 4 axes with 3 trials)."""
-    from hsgd_tune.report import StudyRecords, plot_trajectories
+    from hsgd_tune.advise.report import StudyRecords, plot_trajectories
 
     rng = np.random.default_rng(0)
     arrays = {

@@ -7,8 +7,8 @@ import pytest
 from optuna.trial import TrialState
 from tiny_study import TINY_STUDY
 
-from hsgd_tune.cli import main
-from hsgd_tune.ranking import load_ranking
+from hsgd_tune.advise.ranking import load_ranking
+from hsgd_tune.cli.main import main
 
 #: Study name → what replaces the tiny study's search space and budget.
 EDGE_STUDIES = {
@@ -42,8 +42,8 @@ def studies(tmp_path_factory):
     """Every edge study run once, in one folder; yields the folder."""
     import torch
 
-    from hsgd_tune.config import load_study
-    from hsgd_tune.runner import run_study
+    from hsgd_tune.search.runner import run_study
+    from hsgd_tune.studyfile.config import load_study
 
     folder = tmp_path_factory.mktemp("edge")
     threads = torch.get_num_threads()
@@ -141,12 +141,12 @@ def test_end_of_run_summary_counts_failed_trials(in_studies, capsys):
 
 
 def test_training_reports_its_recorded_steps_to_a_listener(in_studies):
-    from hsgd_tune.config import load_study
-    from hsgd_tune.models import model_spec
-    from hsgd_tune.objective import train_settings
     from hsgd_tune.progress import listening
-    from hsgd_tune.runner import prepare
-    from hsgd_tune.training import train_twin
+    from hsgd_tune.search.objective import train_settings
+    from hsgd_tune.search.prepare import prepare
+    from hsgd_tune.studyfile.config import load_study
+    from hsgd_tune.train.models import model_spec
+    from hsgd_tune.train.twin import train_twin
 
     cfg = load_study("one.toml")  # 60 steps, recorded every 20
     data = prepare(cfg)

@@ -7,8 +7,8 @@ import json
 import pytest
 from tiny_study import TINY_STUDY, write_tiny_study
 
-from hsgd_tune.cli import main
-from hsgd_tune.report import REPORT_MARKER
+from hsgd_tune.advise.report import REPORT_MARKER
+from hsgd_tune.cli.main import main
 
 FAST = TINY_STUDY.replace("steps = 60", "steps = 20").replace("n_trials = 5", "n_trials = 2")
 FAST += '\n[diagnostics]\ntrials = "none"\n'

@@ -22,8 +22,9 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from hsgd_tune.cli import main
-from hsgd_tune.worker import PARENT_ATTR, database_url
+from hsgd_tune.cli.main import main
+from hsgd_tune.search.storage import database_url
+from hsgd_tune.search.worker import PARENT_ATTR
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -245,7 +246,7 @@ def test_sigterm_finishes_the_running_trial_and_a_restarted_worker_continues(tmp
     study_file = _study_file(tmp_path, "term", n_trials=4, steps=6000)
     journal = str(tmp_path / "mlruns" / "optuna-journal.log")
     worker = _worker(study_file, None, None)
-    from hsgd_tune.study import open_storage
+    from hsgd_tune.search.storage import open_storage
 
     deadline = time.monotonic() + 120
     while not Path(journal).exists() and time.monotonic() < deadline:
@@ -278,7 +279,7 @@ def _journal_study_retrying(open_storage, journal: str, name: str) -> optuna.Stu
 def test_run_with_two_local_workers_meets_the_budget_exactly(workdir, capsys):
     study_file = _study_file(workdir, "pair", n_trials=6)
     assert main(["run", str(study_file), "--workers", "2"]) == 0
-    from hsgd_tune.study import open_storage
+    from hsgd_tune.search.storage import open_storage
 
     study = optuna.load_study(study_name="pair", storage=open_storage(None))
     assert _count(study, TrialState.COMPLETE) == 6 and len(study.trials) == 6

@@ -15,11 +15,12 @@ import pytest
 from mlflow import MlflowClient
 from tiny_study import TINY_STUDY
 
-from hsgd_tune.cli import main
+from hsgd_tune.cli.main import main
 from hsgd_tune.errors import StorageError
 from hsgd_tune.redact import redact, split_credentials
-from hsgd_tune.tracking import Tracker, filter_value
-from hsgd_tune.worker import check_tracking, database_url
+from hsgd_tune.search.storage import database_url
+from hsgd_tune.search.worker import check_tracking
+from hsgd_tune.track.tracker import Tracker, filter_value
 
 SECRET = "hunter2"
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 from champion import predict_in_fresh_process
 
-from hsgd_tune.cli import main
-from hsgd_tune.config import load_study
-from hsgd_tune.data import split_indices
-from hsgd_tune.pick import load_trial_model
-from hsgd_tune.ranking import load_ranking
-from hsgd_tune.runner import prepare, run_study
-from hsgd_tune.tracking import Tracker
+from hsgd_tune.advise.pick import load_trial_model
+from hsgd_tune.advise.ranking import load_ranking
+from hsgd_tune.cli.main import main
+from hsgd_tune.data.datasets import split_indices
+from hsgd_tune.search.prepare import prepare
+from hsgd_tune.search.runner import run_study
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.track.tracker import Tracker
 
 STUDY = """\
 name = "{name}"

@@ -1,4 +1,4 @@
-"""Tests for hsgd_tune.sketch: the JL sketch of recorded iterates and its documented distortion."""
+"""Tests for hsgd_tune.train.sketch: the JL sketch of recorded iterates and its documented distortion."""
 
 from __future__ import annotations
 
@@ -10,20 +10,20 @@ import pytest
 import torch
 from tiny_study import TINY_STUDY
 
-from hsgd_tune import sketch as sketch_module
 from hsgd_tune.bound import hausdorff_distance, synchronous_distance
-from hsgd_tune.config import load_study
-from hsgd_tune.data import load_dataset
-from hsgd_tune.models import ModelSpec
-from hsgd_tune.objective import evaluate
-from hsgd_tune.sketch import (
+from hsgd_tune.data.datasets import load_dataset
+from hsgd_tune.search.objective import evaluate
+from hsgd_tune.studyfile.config import load_study
+from hsgd_tune.train import sketch as sketch_module
+from hsgd_tune.train.models import ModelSpec
+from hsgd_tune.train.sketch import (
     SignSketch,
     dimension_for,
     distortion_epsilon,
     pair_failure_probability,
     sketch_assumptions,
 )
-from hsgd_tune.training import TrainSettings, train_twin
+from hsgd_tune.train.twin import TrainSettings, train_twin
 
 
 def cross_ratios(a: np.ndarray, b: np.ndarray, sa: np.ndarray, sb: np.ndarray) -> np.ndarray:

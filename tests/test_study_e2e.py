@@ -24,16 +24,17 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from hsgd_tune import grid
-from hsgd_tune.config import Knob, load_study, parse_study, with_run
-from hsgd_tune.data import load_dataset
+from hsgd_tune.data.datasets import load_dataset
 from hsgd_tune.errors import ConfigError
-from hsgd_tune.models import ModelSpec, build_model
-from hsgd_tune.ranking import BOUND_COLUMNS, trials_table
-from hsgd_tune.runner import run_study
-from hsgd_tune.study import FAIL_REASON, open_storage, trials_done
-from hsgd_tune.tracking import Tracker
-from hsgd_tune.training import per_example_loss
+from hsgd_tune.search.runner import run_study
+from hsgd_tune.search.storage import open_storage
+from hsgd_tune.search.study import FAIL_REASON, trials_done
+from hsgd_tune.search.trials import BOUND_COLUMNS, trials_table
+from hsgd_tune.studyfile import grid
+from hsgd_tune.studyfile.config import Knob, load_study, parse_study, with_run
+from hsgd_tune.track.tracker import Tracker
+from hsgd_tune.train.models import ModelSpec, build_model
+from hsgd_tune.train.twin import per_example_loss
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from hsgd_tune.cli import main
-from hsgd_tune.config import parse_study, with_run
+from hsgd_tune.cli.main import main
 from hsgd_tune.errors import ConfigError
-from hsgd_tune.worker import available_cores, default_threads, set_threads
+from hsgd_tune.search.worker import available_cores, default_threads, set_threads
+from hsgd_tune.studyfile.config import parse_study, with_run
 
 BASE = {
     "name": "t",

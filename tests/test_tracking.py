@@ -1,4 +1,4 @@
-"""Tests for hsgd_tune.tracking: batching within MLflow's limits, against a real SQLite store."""
+"""Tests for hsgd_tune.track.tracker: batching within MLflow's limits, against a real SQLite store."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from hsgd_tune.tracking import Tracker, _batches
+from hsgd_tune.track.tracker import Tracker, _batches
 
 
 def test_batches_respect_every_limit_and_keep_every_entry():

@@ -1,4 +1,4 @@
-"""Tests for hsgd_tune.training: the twin SGD run (DESIGN.md §2, "Reference dynamics")."""
+"""Tests for hsgd_tune.train.twin: the twin SGD run (DESIGN.md §2, "Reference dynamics")."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from hsgd_tune.data import Dataset, Split
+from hsgd_tune.data.datasets import Dataset, Split
 from hsgd_tune.errors import DivergedError
-from hsgd_tune.models import ModelSpec, build_model, count_parameters, flat_parameters, load_flat_parameters
-from hsgd_tune.training import (
+from hsgd_tune.train.models import (
+    ModelSpec,
+    build_model,
+    count_parameters,
+    flat_parameters,
+    load_flat_parameters,
+)
+from hsgd_tune.train.twin import (
     H_RUN,
     S_RUN,
     SequentialTwin,

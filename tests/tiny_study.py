@@ -44,8 +44,8 @@ def write_tiny_study(folder: Path, text: str = TINY_STUDY) -> Path:
 
 def run_tiny_study(folder: Path, monkeypatch) -> Path:
     """Run the tiny study in ``folder`` (default stores under ``folder/mlruns``); its file's path."""
-    from hsgd_tune.config import load_study
-    from hsgd_tune.runner import run_study
+    from hsgd_tune.search.runner import run_study
+    from hsgd_tune.studyfile.config import load_study
 
     monkeypatch.chdir(folder)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

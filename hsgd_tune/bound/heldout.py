@@ -20,7 +20,7 @@ _ASSUMPTIONS = {
     "heldout_error": (
         "certified: kl-inverse binomial (test-set) bound on the error of the final S-model from its "
         "errors on H, which the S-run never trains on (it sees H only through the feature means and "
-        "scales used to standardise, data.py); its share of δ_λ"
+        "scales used to standardise, data/datasets.py); its share of δ_λ"
     ),
     "heldout_error_max": (
         "certified: the same for every recorded S-iterate at once (union bound over the N iterates); "

@@ -4,7 +4,7 @@ the stores). Each must end with the documented exit code and one line on stderr,
 traceback, naming the problem; and must leave every file as it was: no study, experiment, run or
 report created, nothing of the user's deleted, no password printed.
 
-The cases run in-process (``hsgd_tune.cli.main`` in an empty working directory), so the whole corpus
+The cases run in-process (``hsgd_tune.cli.main.main`` in an empty working directory), so the whole corpus
 takes seconds, not one interpreter start per case. Cases that need an existing study get a copy of
 one tiny finished study, made once per session.
 """
@@ -66,8 +66,8 @@ def _sqlite_digest(path: Path) -> str:
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory) -> Path:
     """A folder with ``tiny.toml`` and its stores under ``mlruns/`` (2 finished trials)."""
-    from hsgd_tune.config import load_study
-    from hsgd_tune.runner import run_study
+    from hsgd_tune.search.runner import run_study
+    from hsgd_tune.studyfile.config import load_study
 
     folder = tmp_path_factory.mktemp("hostile-template")
     (folder / "tiny.toml").write_text(
@@ -123,7 +123,7 @@ def _full_disk_when_logging(folder: Path, monkeypatch) -> Iterator[None]:
     def no_space(outcome, artifacts: Path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(artifacts / "trajectories.npz"))
 
-    monkeypatch.setattr("hsgd_tune.objective.write_artifacts", no_space)
+    monkeypatch.setattr("hsgd_tune.search.objective.write_artifacts", no_space)
     yield
 
 
@@ -134,7 +134,7 @@ def _legacy_study_named(name: str) -> Callable:
     def setup(folder: Path, monkeypatch) -> Iterator[None]:
         import optuna
 
-        from hsgd_tune.study import open_storage
+        from hsgd_tune.search.storage import open_storage
 
         storage = open_storage(str(folder / "mlruns" / "optuna-journal.log"))
         optuna.copy_study(
@@ -159,7 +159,7 @@ def _failed_trial_run_is_not_running(folder: Path) -> None:
     import optuna
     from mlflow import MlflowClient
 
-    from hsgd_tune.study import open_storage
+    from hsgd_tune.search.storage import open_storage
 
     study = optuna.load_study(
         study_name="tiny", storage=open_storage(str(folder / "mlruns/optuna-journal.log"))
@@ -217,7 +217,7 @@ def _argv(case: dict, values: dict[str, str]) -> list[str]:
 
 
 def _run(argv: list[str]) -> int:
-    from hsgd_tune.cli import main
+    from hsgd_tune.cli.main import main
 
     try:
         return main(argv)
