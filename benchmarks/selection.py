@@ -3,8 +3,9 @@
 Every study holds S (train), H (reference) and V (validation). A plain Optuna user with the same rows
 would train on S and validate on V ∪ H: that is the **peer** every rule is compared with. The twin
 run gives more: the S-model is held out on H, and the H-model (same configuration, trained on H) is
-held out on S, a 2-fold cross-fit at no extra training (hsgd_tune/certify/estimates.py). Every rule deploys the
-S-model of the trial it picks, so only the choice differs; we report the test loss of that S-model.
+held out on S, a 2-fold cross-fit at no extra training (hsgd_tune/certify/estimates.py). Every
+rule deploys the S-model of the trial it picks, so only the choice differs; we report the test
+loss of that S-model.
 
 Per seed (one study: its own splits, initialisation and minibatches) and task, two candidate sets
 are trained once and shared by every rule and every n_val:

@@ -1,6 +1,6 @@
-"""Certificates after the study (hsgd_tune.search.certification): the same numbers as inside the trial, for the
-Pareto front by default, on request for other trials, once per trial; through `run`, `certify` and
-`pick`, on real Optuna journal files and real MLflow SQLite stores."""
+"""Certificates after the study (hsgd_tune.search.certification): the same numbers as inside the
+trial, for the Pareto front by default, on request for other trials, once per trial; through
+`run`, `certify` and `pick`, on real Optuna journal files and real MLflow SQLite stores."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Held-out estimates and their standard errors (hsgd_tune/certify/estimates.py), against naive computations."""
+"""Held-out estimates and their standard errors (hsgd_tune/certify/estimates.py), against naive
+computations."""
 
 from __future__ import annotations
 

@@ -88,9 +88,9 @@ def pick(
 ) -> list[str]:
     """Export trial ``number`` (default: the recommended one) and register a production model of it:
     its own S-model, certified first if it has no certificate yet (``lock``: the study's, see
-    search/certification.py), or with ``refit`` its configuration trained again on S ∪ H ∪ V. ``alias`` moves to
-    the new version. Everything is checked before anything is written; the exported file appears
-    only once the model is registered. Returns the lines to show the user."""
+    search/certification.py), or with ``refit`` its configuration trained again on S ∪ H ∪ V.
+    ``alias`` moves to the new version. Everything is checked before anything is written; the
+    exported file appears only once the model is registered. Returns the lines to show the user."""
     number = ranking.recommended if number is None else number
     trial = ranking.trial(number)
     run_id = trial.user_attrs.get("mlflow_run_id")

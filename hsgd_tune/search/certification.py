@@ -155,7 +155,7 @@ def certify(
     """Certify trials ``numbers`` of ``study`` unless their runs already hold a certificate.
 
     Every trial is checked (exists, finished, has an MLflow run) before any is computed. ``data``
-    defaults to ``runner.prepare(cfg)``, loaded only if some trial needs it. ``lock`` (a
+    defaults to ``prepare(cfg)`` (prepare.py), loaded only if some trial needs it. ``lock`` (a
     :class:`~hsgd_tune.search.storage.StudyLock`) is held around each trial's check-compute-log, so several
     processes certifying the same study compute each trial once. ``on_trial`` sees each trial
     computed now (not those found done). Once ``stop`` is set, no further trial starts.

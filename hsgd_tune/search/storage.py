@@ -1,5 +1,9 @@
-"""Opening an Optuna storage (journal file or database) and the study lock that
-serialises workers across processes.
+"""Opening an Optuna storage (journal file or database) and the study lock that serialises workers
+across processes.
+
+The study lock is a PostgreSQL transaction-level advisory lock (released by the server when its
+holder dies) or an ``flock`` on a file next to the journal (released by the kernel when its holder
+dies). Other databases get no cross-process lock, so workers refuse them (:func:`check_shareable`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from hsgd_tune.errors import ConfigError, StorageError
 from hsgd_tune.redact import redact
 
 DEFAULT_JOURNAL = Path("mlruns/optuna-journal.log")
+#: Seconds between a running trial's heartbeats on PostgreSQL; a trial is stale after 3 missed.
+HEARTBEAT_S = 10
+#: A trial whose worker died is queued again at most this often (a trial that kills every worker
+#: that runs it, e.g. by running out of memory, must not loop forever).
+MAX_RETRY = 2
 
 
 def storage_description(url: str | None) -> str:
@@ -30,26 +39,16 @@ def storage_description(url: str | None) -> str:
 
 def open_storage(url: str | None, heartbeat: int | None = None) -> BaseStorage:
     """A journal file under ``mlruns/`` by default; a database URL (``postgresql://…``) or a
-    journal file path otherwise. Databases get heartbeats every ``heartbeat`` s (worker.py)."""
+    journal file path otherwise. Databases get heartbeats every ``heartbeat`` s."""
     try:
         if url is None or "://" not in url:
             path = Path(url) if url else DEFAULT_JOURNAL
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
-
         return open_database(url, heartbeat or HEARTBEAT_S)
     except Exception as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise StorageError(f"Optuna storage {redact(url)!r} cannot be used: {redact(reason)}") from None
-
-
-#: Seconds between a running trial's heartbeats on PostgreSQL; a trial is stale after 3 missed.
-HEARTBEAT_S = 10
-
-
-#: A trial whose worker died is queued again at most this often (a trial that kills every worker
-#: that runs it, e.g. by running out of memory, must not loop forever).
-MAX_RETRY = 2
 
 
 def database_url(url: str) -> str:

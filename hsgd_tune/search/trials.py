@@ -10,20 +10,6 @@ from optuna.trial import FrozenTrial, TrialState
 from hsgd_tune.errors import HsgdError
 from hsgd_tune.search.study import FAIL_REASON
 
-
-def describe_trial(trial: FrozenTrial, objectives: tuple[str, ...]) -> str:
-    params = "  ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-    if trial.state == TrialState.COMPLETE:
-        scores = "  ".join(f"{k}={v:.4g}" for k, v in zip(objectives, trial.values, strict=True))
-    else:
-        scores = f"{trial.state.name}: {trial.user_attrs.get(FAIL_REASON, 'no reason recorded')}"
-    return f"trial {trial.number:4d}  {params}  {scores}"
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 CERTIFICATE = "certificate/bound"
 
 
@@ -104,3 +90,16 @@ def finished_trial(study: optuna.Study, number: int) -> FrozenTrial:
         state = trials[number].state.name
         raise HsgdError(f"trial {number} of study {name!r} did not finish (state {state})")
     return trials[number]
+
+
+def describe_trial(trial: FrozenTrial, objectives: tuple[str, ...]) -> str:
+    params = "  ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+    if trial.state == TrialState.COMPLETE:
+        scores = "  ".join(f"{k}={v:.4g}" for k, v in zip(objectives, trial.values, strict=True))
+    else:
+        scores = f"{trial.state.name}: {trial.user_attrs.get(FAIL_REASON, 'no reason recorded')}"
+    return f"trial {trial.number:4d}  {params}  {scores}"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -13,9 +13,7 @@ What makes that safe (issue #5):
 - **One parent run.** The MLflow experiment and the study's parent run are looked up or created under
   the same lock, and the parent's id is kept in the study's user attributes.
 
-The study lock is a PostgreSQL transaction-level advisory lock (released by the server when its
-holder dies) or an ``flock`` on a file next to the journal (released by the kernel when its holder
-dies). Other databases get no cross-process lock, so workers refuse them.
+The study lock and the storages are storage.py's.
 """
 
 from __future__ import annotations
