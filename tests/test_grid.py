@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from hsgd_tune.bound import complexity_term
-from hsgd_tune.search.study import make_sampler, sample_params
+from hsgd_tune.search.study import FAIL_REASON, make_sampler, sample_params
 from hsgd_tune.studyfile import grid
 from hsgd_tune.studyfile.config import Knob, SearchConfig, load_study
 
@@ -77,8 +77,60 @@ def test_every_sampler_proposes_grid_points_and_stores_what_is_trained(kind):
         assert params["learning_rate"] in lr_grid
         assert trial.params == params  # the sampler saw the snapped value
         study.tell(trial, [params["learning_rate"], 1.0 / params["batch_size"]])
-    # Proposals near one grid point are one configuration: TPE re-proposes points it has seen.
     assert len(study.trials) == 14
+
+
+def _small_grid(cfg, kind: str, decades: float, batch_sizes: tuple[int, ...]):
+    """The quick-start's knobs (a log-scaled float learning rate, batch-size choices) on a small grid:
+    3 points per decade over ``decades`` decades below 1."""
+    rate = dataclasses.replace(cfg.search.learning_rate, low=10.0**-decades, high=1.0, points_per_decade=3)
+    batch = dataclasses.replace(cfg.search.batch_size, choices=batch_sizes)
+    search = dataclasses.replace(cfg.search, learning_rate=rate, batch_size=batch)
+    return dataclasses.replace(cfg, search=search, sampler=dataclasses.replace(cfg.sampler, kind=kind))
+
+
+def _ask_and_tell(cfg, n_trials: int) -> list[tuple]:
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(cfg, 0))
+    seen = []
+    for _ in range(n_trials):
+        trial = study.ask()
+        params = sample_params(trial, cfg)
+        seen.append((params["learning_rate"], params["batch_size"]))
+        # An objective with one clear optimum, so that TPE keeps proposing near it.
+        study.tell(trial, [abs(math.log10(params["learning_rate"]) + 1.5), abs(params["batch_size"] - 32)])
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["tpe", "random", "nsga2"])
+def test_no_configuration_is_trained_twice_while_the_grid_has_fresh_ones(kind):
+    """A configuration's numbers are deterministic given the study: a second trial of it is wasted."""
+    cfg = load_study(QUICKSTART)
+    cfg = _small_grid(cfg, kind, 3, (16, 32, 64))
+    assert len(grid.knob_values(cfg.search.learning_rate)) == 10  # 30 configurations
+    seen = _ask_and_tell(cfg, 24)
+    assert len(set(seen)) == len(seen)
+
+
+def test_a_budget_beyond_the_grid_repeats_configurations_once_all_are_taken():
+    cfg = _small_grid(load_study(QUICKSTART), "tpe", 1 / 3, (32, 64))  # learning rates 10^-1/3 and 1
+    points = {(lr, b) for lr in grid.knob_values(cfg.search.learning_rate) for b in (32, 64)}
+    seen = _ask_and_tell(cfg, 7)
+    assert len(points) == 4 and set(seen[:4]) == points
+    assert len(seen) == 7
+
+
+def test_running_trials_and_trials_failed_by_rule_hold_their_configuration():
+    """Workers sharing a study do not train one configuration side by side, and a configuration that
+    diverged is not tried again."""
+    cfg = _small_grid(load_study(QUICKSTART), "tpe", 1 / 3, (32, 64))  # 4 configurations
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(cfg, 0))
+    diverged = study.ask()
+    first = sample_params(diverged, cfg)
+    diverged.set_user_attr(FAIL_REASON, "diverged")
+    study.tell(diverged, state=optuna.trial.TrialState.FAIL)
+    running = [study.ask() for _ in range(3)]  # asked by three workers, none told yet
+    configurations = [tuple(sample_params(t, cfg).values()) for t in running]
+    assert len(set(configurations)) == 3 and tuple(first.values()) not in configurations
 
 
 # ---------------------------------------------------------------------------------------------

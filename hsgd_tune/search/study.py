@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ from hsgd_tune.studyfile.config import Knob, StudyConfig
 #: A trial that failed by our own rule (e.g. divergence) carries this user attribute; it counts
 #: towards the budget. One that failed because its worker died does not, and is simply re-run.
 FAIL_REASON = "fail_reason"
+
+#: Trial states whose configuration is taken: finished, running elsewhere, or failed by our rule.
+_HOLDING = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL)
 
 
 def make_sampler(
@@ -50,31 +54,94 @@ def make_sampler(
     return SnappingSampler(inner, cfg)
 
 
+#: Draws the inner sampler gets to propose a configuration no other trial has, before a repeat is
+#: accepted (once every grid point is taken, or the inner sampler insists).
+FRESH_DRAWS = 10
+#: Grid neighbours looked at for a free configuration when the draws all land on taken ones.
+NEAREST_SEARCH = 100_000
+
+
 class SnappingSampler(optuna.samplers.BaseSampler):
-    """Any sampler, its proposals snapped to the configuration grid Λ before Optuna stores them.
+    """Any sampler, its proposals snapped to the configuration grid Λ before Optuna stores them, and
+    kept off the configurations other trials already have.
 
     The trial's stored params are then the configuration that is trained and certified, and the
-    inner sampler learns from those values (a learning rate proposed twice near one grid point is
-    the same configuration, not two)."""
+    inner sampler learns from those values. A configuration is deterministic given the study (its
+    seeds derive from it), so training one a second time would only repeat its numbers: when the
+    snapped proposal is a configuration that a finished, failed-by-rule or running trial already has,
+    the inner sampler draws the whole configuration again (from its own random stream), up to
+    :data:`FRESH_DRAWS` times, and then the nearest free grid point is trained instead. Only a grid
+    with no free point left repeats a configuration. The grid sampler walks distinct points by itself."""
 
     def __init__(self, inner: optuna.samplers.BaseSampler, cfg: StudyConfig):
         self.inner = inner
         self.knobs = {knob.name: knob for knob in cfg.search.all_knobs()}
+        # The grid sampler walks distinct points by itself, keyed by trial: it is left as it is.
+        self.walks_grid = isinstance(inner, optuna.samplers.GridSampler)
 
     def _snap(self, name: str, value: Any) -> Any:
         knob = self.knobs.get(name)
         return grid.snap(knob, value) if knob is not None else value
 
     def infer_relative_search_space(self, study, trial):
-        return self.inner.infer_relative_search_space(study, trial)
+        if self.walks_grid:
+            return self.inner.infer_relative_search_space(study, trial)
+        # Every knob is drawn here, jointly, so that a configuration already taken can be drawn again whole.
+        return {name: distribution(knob) for name, knob in self.knobs.items()}
 
     def sample_relative(self, study, trial, search_space):
-        proposed = self.inner.sample_relative(study, trial, search_space)
-        return {name: self._snap(name, value) for name, value in proposed.items()}
+        if self.walks_grid:
+            return self.inner.sample_relative(study, trial, search_space)
+        joint = self.inner.infer_relative_search_space(study, trial)
+        taken = self._taken(study, trial)
+        for _ in range(FRESH_DRAWS):
+            proposed = self.inner.sample_relative(
+                study, trial, {k: d for k, d in joint.items() if k in search_space}
+            )
+            for name, dist in search_space.items():
+                if name not in proposed:  # what the inner sampler draws one knob at a time
+                    proposed[name] = self.inner.sample_independent(study, trial, name, dist)
+            proposed = {name: self._snap(name, value) for name, value in proposed.items()}
+            if self._key(proposed) not in taken:
+                return proposed
+        # The sampler insists (TPE near its optimum): the nearest free configuration instead, if any.
+        return self._nearest_free(proposed, taken) or proposed
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         value = self.inner.sample_independent(study, trial, param_name, param_distribution)
         return self._snap(param_name, value)
+
+    def _key(self, params: dict[str, Any]) -> tuple:
+        return tuple(params.get(name) for name in self.knobs)
+
+    def _taken(self, study, trial) -> set[tuple]:
+        """The configurations other trials have: finished, running, or failed by our rule (a dead
+        worker's trial is queued again with its configuration, so it does not count)."""
+        return {
+            self._key(other.params)
+            for other in study.get_trials(deepcopy=False, states=_HOLDING)
+            if other.number != trial.number
+            and not (other.state == TrialState.FAIL and FAIL_REASON not in other.user_attrs)
+        }
+
+    def _nearest_free(self, proposed: dict[str, Any], taken: set[tuple]) -> dict[str, Any] | None:
+        """The configuration fewest grid steps from ``proposed`` (steps summed over the knobs; on a
+        log scale a step is a constant ratio) that no trial has; None when none is found within
+        :data:`NEAREST_SEARCH` candidates (a nearly exhausted grid: the repeat is trained)."""
+        grids = [grid.knob_values(knob) for knob in self.knobs.values()]
+        start = [values.index(proposed[name]) for values, name in zip(grids, self.knobs, strict=True)]
+        looked = 0
+        for radius in range(1, sum(len(values) for values in grids)):
+            for step in _steps(len(grids), radius):
+                index = [i + d for i, d in zip(start, step, strict=True)]
+                if all(0 <= i < len(values) for i, values in zip(index, grids, strict=True)):
+                    candidate = tuple(values[i] for values, i in zip(grids, index, strict=True))
+                    if candidate not in taken:
+                        return dict(zip(self.knobs, candidate, strict=True))
+                looked += 1
+                if looked >= NEAREST_SEARCH:
+                    return None
+        return None
 
     def before_trial(self, study, trial) -> None:
         self.inner.before_trial(study, trial)
@@ -115,6 +182,28 @@ def _grid_values(knob: Knob, points: int) -> list[Any]:
     space = np.geomspace if knob.log else np.linspace
     values = space(knob.low, knob.high, points)
     return sorted({int(round(v)) for v in values}) if knob.kind == "int" else [float(v) for v in values]
+
+
+def _steps(dimensions: int, radius: int) -> Iterator[tuple[int, ...]]:
+    """Every integer vector of ``dimensions`` entries whose absolute values sum to ``radius``."""
+    if dimensions == 1:
+        yield from {(radius,), (-radius,)}
+        return
+    for first in range(-radius, radius + 1):
+        for rest in (
+            _steps(dimensions - 1, radius - abs(first)) if radius - abs(first) else [(0,) * (dimensions - 1)]
+        ):
+            yield (first, *rest)
+
+
+def distribution(knob: Knob) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution :func:`suggest` asks ``knob`` from (they must be equal: Optuna uses a
+    sampler's joint draw only for parameters suggested with the distribution it was drawn from)."""
+    if knob.kind == "categorical":
+        return optuna.distributions.CategoricalDistribution(list(knob.choices))
+    if knob.kind == "int":
+        return optuna.distributions.IntDistribution(int(knob.low), int(knob.high), log=knob.log)
+    return optuna.distributions.FloatDistribution(knob.low, knob.high, log=knob.log)
 
 
 def suggest(trial: optuna.Trial, knob: Knob) -> Any:
