@@ -3,11 +3,13 @@ diverging runs. Every study here is a few seconds; they share one folder (one ML
 
 from __future__ import annotations
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 from tiny_study import TINY_STUDY
 
 from hsgd_tune.advise.ranking import load_ranking
+from hsgd_tune.advise.report_page import DOMINATED, FRONT, pareto_figure
 from hsgd_tune.cli.main import main
 
 #: Study name → what replaces the tiny study's search space and budget.
@@ -155,3 +157,19 @@ def test_training_reports_its_recorded_steps_to_a_listener(in_studies):
     with listening(lambda step, total: seen.append((step, total))):
         train_twin(data, spec, train_settings(cfg, {"learning_rate": 0.05, "batch_size": 8}))
     assert seen == [(20, 60), (40, 60), (60, 60)]
+
+
+@pytest.mark.parametrize("values", [[(1, 2), (2, 1), (3, 3)], [(1, 2), (2, 1), (1.5, 1.5), (3, 3), (4, 2.5)]])
+def test_the_pareto_view_colours_front_and_other_trials_without_colour_bars(values):
+    """Optuna colours by trial number on two colour bars; one trial off the front drew a −0.4 … 0.4 bar."""
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for pair in values:
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        study.tell(trial, list(pair))
+    fig, why = pareto_figure(study, ["a", "b"], recommended=None, band=None)
+    assert why == ""
+    groups = {t.name: t for t in fig.data if t.name in ("Pareto front", "other trials")}
+    assert groups["Pareto front"].marker.color == FRONT and groups["other trials"].marker.color == DOMINATED
+    assert len(groups["Pareto front"].x) == len(values) - len(groups["other trials"].x)
+    assert not any(t.marker.showscale for t in fig.data if hasattr(t, "marker"))

@@ -33,6 +33,8 @@ from plotly.subplots import make_subplots
 LOG_SPAN = 4.0
 RECOMMENDED = "#d62728"  # the red star, in every figure
 GREY = "#9a9a9a"
+FRONT = "#1f77b4"  # trials on the Pareto front
+DOMINATED = "#b8c4d0"  # trials off it
 BOUND_TERMS = {  # bound term → (label, colour); risk bound = R̂_S(nearest H-iterate) + C + L_pop·d
     "train": ("R̂_S,B at the nearest reference iterate", "#1f77b4"),
     "complexity": ("complexity C", "#ff7f0e"),
@@ -116,6 +118,18 @@ def varied_params(study: optuna.Study) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def colour_by_front(fig: go.Figure) -> None:
+    """Optuna colours the points by trial number on two colour scales ("Trial", "Best Trial"), which
+    say little (hover shows the trial) and draw the lowest-numbered trials nearly white; a group of one
+    trial gets a bar spanning −0.4 … 0.4. Two plain colours and a legend instead."""
+    groups = {"Best Trial": ("Pareto front", FRONT), "Trial": ("other trials", DOMINATED)}
+    for trace in fig.data:
+        title = trace.marker.colorbar.title.text if hasattr(trace, "marker") else None
+        if title in groups:
+            trace.name, colour = groups[title]
+            trace.marker.color, trace.marker.showscale, trace.showlegend = colour, False, True
+
+
 def pareto_figure(
     study: optuna.Study,
     objectives: list[str],
@@ -127,7 +141,10 @@ def pareto_figure(
     if len(objectives) not in (2, 3):
         return None, f"the study has {len(objectives)} objective(s); a Pareto front needs 2 or 3"
     fig, why = optuna_view(lambda: optuna.visualization.plot_pareto_front(study, target_names=objectives))
-    if fig is None or len(objectives) == 3:
+    if fig is None:
+        return fig, why
+    colour_by_front(fig)
+    if len(objectives) == 3:
         return fig, why
     values = np.array([t.values for t in study.get_trials(deepcopy=False) if t.values is not None])
     for axis, column in (("xaxis", 0), ("yaxis", 1)):
