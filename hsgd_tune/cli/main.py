@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from hsgd_tune.cli import advisor as cli_advisor
-from hsgd_tune.cli import worker as cli_worker
+from hsgd_tune.cli import workers as cli_workers
 from hsgd_tune.errors import ConfigError, HsgdError
 from hsgd_tune.redact import redact
 
@@ -60,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: mlruns/optuna-journal.log)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress display")
-    cli_worker.add_run_options(run)  # --workers K
+    cli_workers.add_run_options(run)  # --workers K
 
     cli_advisor.add_commands(sub)  # rank, report, certify, pick, train, ui
-    cli_worker.add_commands(sub)  # worker
+    cli_workers.add_commands(sub)  # worker
     return parser
 
 
@@ -101,14 +101,14 @@ def is_store_failure(exc: BaseException) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = cli_worker.run_config(args)
+    cfg = cli_workers.run_config(args)
     # torch, Optuna, MLflow: seconds to import; a bad study file fails first
     from hsgd_tune.advise.summary import end_of_run
     from hsgd_tune.search.runner import run_study
 
     stop = None
     if args.workers != 1:  # K local worker processes; each prints a line per trial
-        summary = cli_worker.run_local_workers(args, cfg)
+        summary = cli_workers.run_local_workers(args, cfg)
     else:
         from hsgd_tune.search.worker import GracefulStop, WorkerOptions, set_threads
 
@@ -145,7 +145,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"hsgd-tune: warning: {redact(' '.join(str(message).splitlines()))}", file=sys.stderr)
 
 
-COMMANDS = {"run": cmd_run, **cli_advisor.COMMANDS, **cli_worker.COMMANDS}
+COMMANDS = {"run": cmd_run, **cli_advisor.COMMANDS, **cli_workers.COMMANDS}
 
 if __name__ == "__main__":
     sys.exit(main())

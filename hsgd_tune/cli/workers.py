@@ -1,6 +1,6 @@
 """``hsgd-tune worker`` and ``hsgd-tune run --workers K``: several processes share one study.
 
-Argument parsing and process handling only; what a worker does is in worker.py. Heavy imports
+Argument parsing and process handling only; what a worker does is in search/worker.py. Heavy imports
 (torch, Optuna, MLflow) wait until the study file has been read, so a bad one fails in a blink.
 """
 
