@@ -34,7 +34,15 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from hsgd_tune import bound
-from hsgd_tune.training import H_RUN, S_RUN, per_example_error, per_example_loss
+from hsgd_tune.training import (
+    H_RUN,
+    S_RUN,
+    grouping_plan,
+    per_example_error,
+    per_example_loss,
+    stack_plan_parameters,
+    stacked_forward,
+)
 
 #: Prior standard deviations the certificate may use; fixed before seeing S (union bound over them).
 PRIOR_STD_GRID = bound.geometric_grid(1e-4, 1.0, 41)
@@ -113,6 +121,22 @@ def _stacked(iterates: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(iterates), dtype=torch.float32)
 
 
+def _forward_many(fm: FlatModel, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(m, p) weights, (n, d) inputs → (m, n, k) outputs, as ``fm.forward_many``. A model of
+    :func:`~hsgd_tune.training.grouping_plan`'s layers (the built-in MLP and CNN, a user's Sequential of
+    common layers) takes one stacked pass (:func:`~hsgd_tune.training.stacked_forward`: batched matrix
+    products, one convolution of all m models' channels, channels-last pooling) instead of
+    ``vmap(functional_call)``, whose batching rules copy every activation to move the model dimension
+    in and out of the channels (several times slower for a CNN); equal to float rounding
+    (tests/test_diagnostics.py)."""
+    plan = grouping_plan(fm.model)
+    if plan is None:
+        return fm.forward_many(flats, x)
+    m = flats.shape[0]
+    params = [c.view(m, *shape) for c, shape in zip(flats.split(fm.sizes, dim=1), fm.shapes, strict=True)]
+    return stacked_forward(plan, stack_plan_parameters(plan, params), x)
+
+
 def iterate_risks(
     fm: FlatModel, iterates: np.ndarray, x: torch.Tensor, y: torch.Tensor, loss_clip: float, chunk: int = 32
 ) -> np.ndarray:
@@ -120,7 +144,7 @@ def iterate_risks(
     out = []
     with torch.no_grad():
         for w in _stacked(iterates).split(chunk):
-            logits = fm.forward_many(w, x)  # (c, n, k)
+            logits = _forward_many(fm, w, x)  # (c, n, k)
             out.append(per_example_loss(logits, y.expand(logits.shape[:-1]), fm.task).clamp(max=loss_clip))
     return torch.cat(out).mean(dim=1).double().numpy()
 
@@ -133,7 +157,7 @@ def iterate_errors(
     with torch.no_grad():
         for w in _stacked(iterates).split(chunk):
             # In float64: a mean of n float32 zeros and ones would not be an exact count over n.
-            out.append(_bounded_error(fm.forward_many(w, x), y, fm.task, loss_clip).double().mean(dim=1))
+            out.append(_bounded_error(_forward_many(fm, w, x), y, fm.task, loss_clip).double().mean(dim=1))
     return torch.cat(out).numpy()
 
 
@@ -147,7 +171,7 @@ def mean_gradient_norms(
     norms = []
     for w in _stacked(points).split(chunk):
         w = w.clone().requires_grad_(True)
-        logits = fm.forward_many(w, x)
+        logits = _forward_many(fm, w, x)
         risk = per_example_loss(logits, y.expand(logits.shape[:-1]), fm.task).clamp(max=loss_clip).mean(dim=1)
         (grad,) = torch.autograd.grad(risk.sum(), w)
         norms.append(torch.linalg.vector_norm(grad, dim=1).detach())

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -270,7 +271,8 @@ class _AutogradTwin:
 class GroupedTwin(_AutogradTwin):
     """A model of :func:`grouping_plan`'s layers (the built-in CNN, a user's Sequential) held twice:
     each parameter stacked (2, ...), each Linear of both runs one batched matrix product, each
-    convolution one grouped convolution over both runs' channels side by side.
+    convolution one grouped convolution over both runs' channels side by side
+    (:func:`stacked_forward` with M = 2).
 
     Images of both runs are laid out (b, 2c, h, w): group r of every convolution (``groups=2``) sees
     run r's channels only, so the pass computes both runs exactly as two separate modules would.
@@ -282,19 +284,8 @@ class GroupedTwin(_AutogradTwin):
 
     def __init__(self, model: nn.Module, plan: list[tuple[str, nn.Module]]):
         self.plan = plan
-        self.stacked: list[list[torch.Tensor]] = []  # per layer: stacked weight (and bias)
-        for step, layer in plan:
-            if step == "linear":
-                bias = [] if layer.bias is None else [_stack2(layer.bias.unsqueeze(0))]  # (2, 1, out)
-                self.stacked.append([_stack2(layer.weight), *bias])
-            elif step == "conv":
-                self.stacked.append(
-                    [_stack2(layer.weight), *([] if layer.bias is None else [_stack2(layer.bias)])]
-                )
-            else:
-                self.stacked.append([])
-        for p in self.params:
-            p.requires_grad_(True)
+        stacked = stack_plan_parameters(plan, [_stack2(p) for p in model.parameters()])
+        self.stacked = [[p.clone().requires_grad_(True) for p in layer] for layer in stacked]  # leaves
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -302,24 +293,71 @@ class GroupedTwin(_AutogradTwin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (2, b, d) → outputs (2, b, k)."""
-        h, b = x, x.shape[1]
-        for (step, layer), params in zip(self.plan, self.stacked, strict=True):
-            if step == "linear":
-                w = params[0].transpose(1, 2)
-                h = torch.baddbmm(params[1], h, w) if len(params) > 1 else torch.bmm(h, w)
-            elif step == "conv":  # weight (2, out, in, k, k) → (2·out, in, k, k), group-major
-                bias = params[1].flatten() if len(params) > 1 else None
-                h = torch.nn.functional.conv2d(
-                    h, params[0].flatten(0, 1), bias, layer.stride, layer.padding, layer.dilation, groups=2
-                )
-            elif step == "unflatten":  # (2, b, c·h·w) → (b, 2c, h, w)
-                c, *hw = layer.unflattened_size
-                h = h.reshape(2, b, c, *hw).transpose(0, 1).reshape(b, 2 * c, *hw)
-            elif step == "flatten":  # (b, 2c, h, w) → (2, b, c·h·w), each run's in Flatten's order
-                h = h.reshape(b, 2, -1).transpose(0, 1)
+        return stacked_forward(self.plan, self.stacked, x)
+
+
+def stack_plan_parameters(
+    plan: list[tuple[str, nn.Module]], stacked: list[torch.Tensor]
+) -> list[list[torch.Tensor]]:
+    """Per layer of ``plan``, its parameters stacked (M, ...), from ``stacked``: the model's
+    parameters in ``model.parameters()`` order, each (M, *shape) (views are kept: a gradient with
+    respect to what they view flows through). A Linear's bias becomes (M, 1, out)."""
+    it = iter(stacked)
+    layers: list[list[torch.Tensor]] = []
+    for step, layer in plan:
+        if step not in ("linear", "conv"):
+            layers.append([])
+            continue
+        params = [next(it)] + ([] if layer.bias is None else [next(it)])
+        if step == "linear" and len(params) > 1:
+            params[1] = params[1].unsqueeze(1)  # (M, 1, out)
+        layers.append(params)
+    return layers
+
+
+def stacked_forward(
+    plan: list[tuple[str, nn.Module]], stacked: list[list[torch.Tensor]], x: torch.Tensor
+) -> torch.Tensor:
+    """M models of one :func:`grouping_plan` at once, layer ``i``'s parameters ``stacked[i]`` (M, ...)
+    (:func:`stack_plan_parameters`): x (M, b, d), each model its own rows, or (b, d) shared by all
+    → outputs (M, b, k).
+
+    Rows are (M, b, f): a Linear is one batched matrix product. Images are (b, M·c, h, w), model r's
+    channels the r-th group, in channels-last memory (CPU pooling is several times faster on it,
+    and the convolution keeps it); a convolution is one ``groups=M`` convolution. Shared rows stay
+    shared until the first layer with parameters, which then computes all M models from them at
+    once (a Linear as one matrix product, a Conv2d as one convolution with the M weights' output
+    channels side by side).
+    """
+    m = next(p.shape[0] for params in stacked for p in params)
+    h, b = x, x.shape[-2]
+    shared = x.dim() == 2  # (b, d) rows, or (b, c, h, w) images, common to the M models
+    for (step, layer), params in zip(plan, stacked, strict=True):
+        if step == "linear":
+            w = params[0].transpose(1, 2)  # (M, in, out)
+            if shared:  # (b, in) @ (M, in, out): one product for the M models
+                h = torch.matmul(h, w) if len(params) == 1 else torch.matmul(h, w) + params[1]
             else:
-                h = layer(h)
-        return h
+                h = torch.baddbmm(params[1], h, w) if len(params) > 1 else torch.bmm(h, w)
+            shared = False
+        elif step == "conv":  # weight (M, out, in, k, k) → (M·out, in, k, k), model-major
+            bias = params[1].flatten() if len(params) > 1 else None
+            groups = 1 if shared else m
+            w = params[0].flatten(0, 1)
+            h = F.conv2d(h, w, bias, layer.stride, layer.padding, layer.dilation, groups)
+            shared = False
+        elif step == "unflatten":  # (M, b, c·h·w) → (b, M·c, h, w), or shared (b, c·h·w) → (b, c, h, w)
+            c, *hw = layer.unflattened_size
+            if not shared:
+                h = h.reshape(m, b, c, *hw).transpose(0, 1)
+            h = h.reshape(b, -1, *hw)
+            h = h.contiguous(memory_format=torch.channels_last)
+        elif step == "flatten":  # (b, M·c, h, w) → (M, b, c·h·w), each model's in Flatten's order
+            h = h.contiguous()
+            h = h.reshape(b, -1) if shared else h.reshape(b, m, -1).transpose(0, 1)
+        else:
+            h = layer(h)
+    return h.expand(m, *h.shape) if shared else h
 
 
 class FuncTwin(_AutogradTwin):
