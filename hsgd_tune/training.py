@@ -332,7 +332,19 @@ def stacked_forward(
     m = next(p.shape[0] for params in stacked for p in params)
     h, b = x, x.shape[-2]
     shared = x.dim() == 2  # (b, d) rows, or (b, c, h, w) images, common to the M models
-    for (step, layer), params in zip(plan, stacked, strict=True):
+    swapped = False
+    for i, ((step, layer), params) in enumerate(zip(plan, stacked, strict=True)):
+        if swapped:  # this ReLU was applied after the max-pooling that follows it
+            swapped = False
+            h = torch.relu(h)
+            continue
+        if _relu_then_max_pool(plan, i):
+            # max_pool(relu(z)) = relu(max_pool(z)) exactly, and so is the gradient: ReLU is
+            # monotone, so a window whose maximum is positive has the same first maximum either
+            # way, and any other window passes no gradient (ReLU's is 0 at 0). ReLU then acts on
+            # a tensor the pooling has made several times smaller.
+            h, swapped = plan[i + 1][1](h), True
+            continue
         if step == "linear":
             w = params[0].transpose(1, 2)  # (M, in, out)
             if shared:  # (b, in) @ (M, in, out): one product for the M models
@@ -342,9 +354,11 @@ def stacked_forward(
             shared = False
         elif step == "conv":  # weight (M, out, in, k, k) → (M·out, in, k, k), model-major
             bias = params[1].flatten() if len(params) > 1 else None
-            groups = 1 if shared else m
+            if shared:  # (b, c, h, w) → (b, M·c, h, w): unambiguously channels-last, even for c = 1
+                h = h.unsqueeze(1).expand(-1, m, *h.shape[1:]).flatten(1, 2)
+                h = h.contiguous(memory_format=torch.channels_last)
             w = params[0].flatten(0, 1)
-            h = F.conv2d(h, w, bias, layer.stride, layer.padding, layer.dilation, groups)
+            h = F.conv2d(h, w, bias, layer.stride, layer.padding, layer.dilation, m)
             shared = False
         elif step == "unflatten":  # (M, b, c·h·w) → (b, M·c, h, w), or shared (b, c·h·w) → (b, c, h, w)
             c, *hw = layer.unflattened_size
@@ -358,6 +372,15 @@ def stacked_forward(
         else:
             h = layer(h)
     return h.expand(m, *h.shape) if shared else h
+
+
+def _relu_then_max_pool(plan: list[tuple[str, nn.Module]], i: int) -> bool:
+    return (
+        type(plan[i][1]) is nn.ReLU
+        and i + 1 < len(plan)
+        and type(plan[i + 1][1]) is nn.MaxPool2d
+        and not plan[i + 1][1].return_indices
+    )
 
 
 class FuncTwin(_AutogradTwin):
