@@ -369,7 +369,7 @@ def stacked_forward(
         elif step == "flatten":  # (b, M·c, h, w) → (M, b, c·h·w), each model's in Flatten's order
             h = h.contiguous()
             h = h.reshape(b, -1) if shared else h.reshape(b, m, -1).transpose(0, 1)
-        else:
+        elif not isinstance(layer, nn.Flatten):  # Flatten on rows: they are flat already
             h = layer(h)
     return h.expand(m, *h.shape) if shared else h
 
@@ -761,19 +761,79 @@ def clipped_gradient_norms(
     """‖∇_w ℓ_B(w, z)‖ for every recorded iterate w of both runs and every z of the subsample.
 
     ℓ_B = min(ℓ, B) has zero gradient where ℓ ≥ B. trajectories (2, N, p) → norms (2, N, m).
-    Built-in Linear/ReLU stacks take the closed form for all iterates at once; other models (the CNN,
-    a user's) ``vmap(grad)`` over the examples, batched over chunks of iterates by a second ``vmap``.
+    Built-in Linear/ReLU stacks take the closed form for all iterates at once, and so do a user's
+    Sequentials of Linear layers and elementwise activations (:func:`rows_gradient_norms`); other
+    models (the CNN, a user's) ``vmap(grad)`` over the examples, batched over chunks of iterates by a
+    second ``vmap``.
     """
-    if not is_linear_relu_stack(model):
+    relu_stack = is_linear_relu_stack(model)
+    plan = None if relu_stack else grouping_plan(model)
+    rows_only = plan is not None and {step for step, _ in plan} <= {"linear", "per-example"}
+    if not (relu_stack or rows_only) or (rows_only and not linear_layers(model)):
         return batched_gradient_norms(model, trajectories, data, loss_clip, m, seed)
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)
     y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
-    shapes = [tuple(layer.weight.shape) for layer in linear_layers(model)]
     iterates = torch.as_tensor(trajectories)
     flat = iterates.reshape(-1, iterates.shape[-1])  # (2N, p): every iterate a model of the stack
-    norms = stacked_gradient_norms(shapes, flat, x, y, data.task, loss_clip)
+    if rows_only:
+        norms = rows_gradient_norms(plan, flat, x, y, data.task, loss_clip)
+    else:
+        shapes = [tuple(layer.weight.shape) for layer in linear_layers(model)]
+        norms = stacked_gradient_norms(shapes, flat, x, y, data.task, loss_clip)
     return norms.reshape(*iterates.shape[:-1], len(y)).double().numpy()
+
+
+def rows_gradient_norms(
+    plan: list[tuple[str, nn.Module]],
+    iterates: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: str,
+    loss_clip: float,
+) -> torch.Tensor:
+    """:func:`stacked_gradient_norms` for any :func:`grouping_plan` on rows (Linear layers, biased or
+    not, and elementwise activations or Flatten between them): iterates (M, p) → (M, m). The same
+    closed form, ‖∂ℓ/∂W‖² + ‖∂ℓ/∂b‖² = ‖δ‖²(‖a‖² + 1) (without the 1 for a Linear without bias),
+    with every δ from one backward pass through the activations."""
+    linears = [layer for step, layer in plan if step == "linear"]
+    width = sum(layer.in_features + layer.out_features for layer in linears)
+    step = max(1, _CHUNK_ELEMENTS // (iterates.shape[1] + 3 * len(y) * width))
+    with torch.enable_grad():  # callers may sit under no_grad; the backward pass below needs a graph
+        return torch.cat([_rows_chunk(plan, c, x, y, task, loss_clip) for c in iterates.split(step)])
+
+
+def _rows_chunk(plan, iterates, x, y, task, loss_clip) -> torch.Tensor:
+    """:func:`rows_gradient_norms` on one chunk of M models: iterates (M, p) → (M, m)."""
+    n_models, m = iterates.shape[0], len(y)
+    h = x.to(iterates.dtype).expand(n_models, *x.shape)  # (M, m, d)
+    inputs, pre, biased = [], [], []  # per Linear: a (M, m, in), z (M, m, out), has a bias
+    offset = 0
+    for step, layer in plan:
+        if step != "linear":
+            h = h if isinstance(layer, nn.Flatten) else layer(h)  # rows are flat already
+            continue
+        out, inp = layer.out_features, layer.in_features
+        w = iterates[:, offset : offset + out * inp].reshape(n_models, out, inp).transpose(1, 2)
+        offset += out * inp
+        if layer.bias is not None:
+            z = torch.baddbmm(iterates[:, offset : offset + out].unsqueeze(1), h, w)
+            offset += out
+        else:
+            z = torch.bmm(h, w)
+        if not pre:
+            z.requires_grad_(True)  # the graph starts here: weights and x need no gradient
+        inputs.append(h.detach())
+        pre.append(z)
+        biased.append(layer.bias is not None)
+        h = z
+    loss = per_example_loss(h, y.expand(n_models, m), task)  # (M, m)
+    deltas = torch.autograd.grad(loss.sum(), pre)
+    sq = sum(
+        d.pow(2).sum(-1) * (a.pow(2).sum(-1) + float(bias))
+        for d, a, bias in zip(deltas, inputs, biased, strict=True)
+    )
+    return (sq.sqrt() * (loss.detach() < loss_clip)).detach()
 
 
 def is_linear_relu_stack(model: nn.Module) -> bool:

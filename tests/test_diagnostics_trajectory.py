@@ -38,6 +38,7 @@ def models() -> dict[str, nn.Module]:
         "mlp": build_model(ModelSpec("mlp", D, K, widths=(16, 8))),
         "cnn": build_model(ModelSpec("cnn", D, K, channels=(3, 4), image_shape=IMAGE, kernel_size=3)),
         "tanh": nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)),
+        "flatten first": nn.Sequential(nn.Flatten(), nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, K)),
         "conv variants": nn.Sequential(
             nn.Unflatten(1, IMAGE),
             nn.Conv2d(2, 3, 3, padding="same", dilation=2),
