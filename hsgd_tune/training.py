@@ -7,8 +7,9 @@ trajectory is then independent of S, which is what the bound needs.
 Runs are advanced in lock step: every step is one forward and one backward pass over a stacked
 batch of shape (2, b, d). Four ways of holding the two runs (``make_twin``):
 
-* :class:`StackedTwin` (built-in MLP and linear model): weights stacked (2, out, in), a batched matrix
-  product per layer and a hand-written backward pass, so two runs cost about one;
+* :class:`StackedTwin` (built-in MLP and linear model, a user's Linear stack with ReLU, tanh or
+  sigmoid between the layers): weights stacked (2, out, in), a batched matrix product per layer and a
+  hand-written backward pass, so two runs cost about one;
 * :class:`GroupedTwin` (built-in CNN, a user's ``nn.Sequential`` of common layers): a batched matrix
   product per Linear and one grouped convolution (``groups=2``, the two runs' channels side by side)
   per Conv2d, autograd for the backward pass;
@@ -16,9 +17,11 @@ batch of shape (2, b, d). Four ways of holding the two runs (``make_twin``):
   ``functional_call``;
 * :class:`SequentialTwin` (a user's ``nn.Module``): two copies, each its own forward in the same loop.
 
-For a user's model :func:`choose_twin` times a few steps of each kind that can step it (``GroupedTwin``,
-``FuncTwin``, ``SequentialTwin``) on the trial's first minibatch and keeps the fastest (vmap is not
-always faster than two modules: small layers pay its dispatch); the choice is recorded with the run
+For a user's model :func:`choose_twin` times a few steps of each kind that can step it
+(``StackedTwin``, ``GroupedTwin``, ``FuncTwin``, ``SequentialTwin``) on the trial's first minibatch
+and keeps the fastest (vmap is not always faster than two modules: small layers pay its dispatch);
+images are laid out channels-last (CPU pooling is several times faster there); the choice is
+recorded with the run
 (``TwinRun.twin``). All four compute the same SGD steps up to float rounding (tests/test_training.py,
 tests/test_lockstep.py).
 """
@@ -126,17 +129,47 @@ def per_example_error(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Te
 # ---------------------------------------------------------------------------------------------
 
 
+#: Activations :class:`StackedTwin` differentiates by hand: the function, and its derivative written
+#: with its output a (ReLU: sign(a), as a ≥ 0; tanh: 1 − a²; sigmoid: a(1 − a)).
+_HAND_DIFFERENTIATED: dict[type, tuple[Callable, Callable]] = {
+    nn.ReLU: (torch.relu, torch.sign),
+    nn.Tanh: (torch.tanh, lambda a: 1.0 - a * a),
+    nn.Sigmoid: (torch.sigmoid, lambda a: a * (1.0 - a)),
+}
+
+
+def hand_differentiable(model: nn.Module) -> list[type] | None:
+    """The activations between the Linear layers of ``model`` when :class:`StackedTwin` can step it
+    (an ``nn.Sequential`` Linear, then (activation, Linear)*, every Linear biased, every activation
+    one of ``_HAND_DIFFERENTIATED``), else None."""
+    if not isinstance(model, nn.Sequential) or len(model) % 2 == 0:
+        return None
+    linears, activations = list(model)[::2], list(model)[1::2]
+    if not all(type(layer) is nn.Linear and layer.bias is not None for layer in linears):
+        return None
+    if not all(type(act) in _HAND_DIFFERENTIATED for act in activations):
+        return None
+    return [type(act) for act in activations]
+
+
 class StackedTwin:
-    """A built-in model (Linear/ReLU stack) held twice as stacked weights (2, out, in).
+    """A Linear stack (the built-in MLP and linear model, or a user's Sequential of biased Linear
+    layers with ReLU, tanh or sigmoid between them: :func:`hand_differentiable`) held twice as
+    stacked weights (2, out, in).
 
     :meth:`loss_and_gradients` backpropagates by hand: per layer, one batched matrix product for the
-    weight gradients and one for the gradient flowing down. Without autograd's graph a step of both
-    runs costs about one ``nn.Module`` + ``torch.optim.SGD`` step (benchmarks/overhead.py).
+    weight gradients and one for the gradient flowing down, times the activation's derivative. Without
+    autograd's graph a step of both runs costs about one ``nn.Module`` + ``torch.optim.SGD`` step
+    (benchmarks/overhead.py).
     """
 
     name = "stacked"
 
     def __init__(self, model: nn.Module):
+        kinds = hand_differentiable(model)
+        if kinds is None:
+            raise ValueError("StackedTwin steps Linear stacks with ReLU, tanh or sigmoid between them")
+        self.activations = [_HAND_DIFFERENTIATED[kind] for kind in kinds]
         layers = linear_layers(model)
         self.weights = [_stack2(layer.weight) for layer in layers]
         self.biases = [_stack2(layer.bias.unsqueeze(0)) for layer in layers]  # (2, 1, out)
@@ -155,7 +188,7 @@ class StackedTwin:
         h, inputs = x, []
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             if i > 0:
-                h = torch.relu(h)
+                h = self.activations[i - 1][0](h)
             inputs.append(h)
             h = torch.baddbmm(b, h, w.transpose(1, 2))
         return h, inputs
@@ -166,8 +199,9 @@ class StackedTwin:
         """(2,) mean minibatch loss of each run, and its gradient for each tensor of :attr:`params`.
 
         For z = a Wᵀ + b with upstream gradient δ = ∂L/∂z: ∂L/∂W = δᵀ a, ∂L/∂b = Σ_rows δ, and
-        ∂L/∂a = δ W, masked below a ReLU where a = relu(z_prev) is 0: sign(a) is that 0/1 mask, as
-        a ≥ 0 (and several times cheaper than a comparison).
+        ∂L/∂a = δ W, times the activation's derivative below it, written with a = f(z_prev): below a
+        ReLU, sign(a) is the 0/1 mask where a is 0, as a ≥ 0 (and several times cheaper than a
+        comparison); below tanh, 1 − a².
         """
         out, inputs = self._forward(x)
         loss, delta = _loss_and_output_gradient(out, y, task)
@@ -175,7 +209,7 @@ class StackedTwin:
         for i in range(len(self.weights) - 1, -1, -1):
             grads += [delta.sum(dim=1, keepdim=True), torch.bmm(delta.transpose(1, 2), inputs[i])]
             if i > 0:
-                delta = torch.bmm(delta, self.weights[i]).mul_(inputs[i].sign())
+                delta = torch.bmm(delta, self.weights[i]).mul_(self.activations[i - 1][1](inputs[i]))
         return loss, grads[::-1]  # W0, b0, W1, b1, ... like params
 
     def flat(self) -> torch.Tensor:
@@ -461,6 +495,8 @@ _CHOSEN: dict[tuple, str] = {}
 
 def _candidates(model: nn.Module) -> dict[str, Callable[[nn.Module], Twin]]:
     kinds: dict[str, Callable[[nn.Module], Twin]] = {}
+    if hand_differentiable(model) is not None:
+        kinds[StackedTwin.name] = StackedTwin
     if grouping_plan(model) is not None:
         kinds[GroupedTwin.name] = lambda m: GroupedTwin(m, grouping_plan(m))
     if not any(True for _ in model.buffers()):  # vmap cannot update running statistics in place
@@ -471,7 +507,8 @@ def _candidates(model: nn.Module) -> dict[str, Callable[[nn.Module], Twin]]:
 
 def choose_twin(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor, str], repeats: int = 5) -> Twin:
     """Time ``repeats`` forward + backward passes of each kind of twin that can step ``model``
-    (:class:`GroupedTwin` for Sequentials of common layers, :class:`FuncTwin` without buffers,
+    (:class:`StackedTwin` for Linear stacks it differentiates by hand, :class:`GroupedTwin` for
+    Sequentials of common layers, :class:`FuncTwin` without buffers,
     :class:`SequentialTwin` always) on the probe minibatch, interleaved, after one warm-up each (which
     also drops a kind that fails, e.g. vmap on dropout), and return the fastest (min over repeats),
     built on ``model``. The choice is remembered per process for the same model structure, batch
