@@ -359,9 +359,10 @@ def stacked_forward(
     Rows are (M, b, f): a Linear is one batched matrix product. Images are (b, M·c, h, w), model r's
     channels the r-th group, in channels-last memory (CPU pooling is several times faster on it,
     and the convolution keeps it); a convolution is one ``groups=M`` convolution. Shared rows stay
-    shared until the first layer with parameters, which then computes all M models from them at
-    once (a Linear as one matrix product, a Conv2d as one convolution with the M weights' output
-    channels side by side).
+    shared until the first layer with parameters: a Linear then computes all M models from them in
+    one matrix product; for a Conv2d the shared images are repeated into M groups (unambiguously
+    channels-last, even with one input channel, which the convolution would not keep). A ReLU
+    followed by MaxPool2d is evaluated after it (same values and gradients).
     """
     m = next(p.shape[0] for params in stacked for p in params)
     h, b = x, x.shape[-2]
