@@ -22,6 +22,8 @@ next to the closed form on the same trajectories.
     python benchmarks/overhead.py            # 1000 steps, 5 repetitions, 1 thread
     python benchmarks/overhead.py --quick    # 300 steps, 3 repetitions (a minute or two)
     python benchmarks/overhead.py --threads 1,2 --models mlp
+
+``--threads`` sets torch's threads and NumPy's BLAS threads (:func:`set_threads`) for both trials.
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def model_config(name: str, steps: int):
         model = ModelConfig(kind="entry_point", widths=(), entry_point="benchmarks.user_models:tanh_mlp")
         cfg = dataclasses.replace(cfg, model=model)
     return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, steps=steps))
+
+
+def set_threads(threads: int) -> None:
+    """Torch's intra-op threads and NumPy's BLAS threads (threadpoolctl), for plain and ours alike:
+    on a busy 2-core machine OpenBLAS's default two threads spin, and made the NumPy products of the
+    bound's nearest-iterate search take 0.3 s of an entry-point trial instead of 0.01 s."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")  # process-wide until changed again
 
 
 def plain_trial(data, spec, steps: int, batch_size: int, seed: int) -> float:
@@ -255,7 +267,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="300 steps, 3 repetitions")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", default="1", help="torch thread counts to compare, e.g. 1,2")
+    ap.add_argument("--threads", default="1", help="torch (and BLAS) thread counts to compare, e.g. 1,2")
     ap.add_argument("--models", default=",".join(MODELS), help=f"any of {', '.join(MODELS)}")
     ap.add_argument(
         "--every-trial-diagnostics",
@@ -291,7 +303,7 @@ def main() -> None:
         os.chdir(tmp)  # MLflow and Optuna state of this benchmark stay out of the user's mlruns/
         trials = OurTrials(Tracker(), calls)
         thread_counts = [int(t) for t in args.threads.split(",")]
-        torch.set_num_threads(thread_counts[0])
+        set_threads(thread_counts[0])
         for model in models:  # warm-up, untimed: first imports (torch.func), MLflow tables, caches
             plain_trial(data, specs[model], 20, 32, 0)
             for variant in variants:
@@ -300,7 +312,7 @@ def main() -> None:
         ours: dict[tuple, list[dict]] = {}
         for rep in range(repeats):
             for threads in thread_counts:
-                torch.set_num_threads(threads)
+                set_threads(threads)
                 for model in models:
                     for b in BATCH_SIZES:
                         runs = ["plain", *variants]

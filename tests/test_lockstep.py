@@ -25,6 +25,7 @@ from hsgd_tune.train.twin import (
     FuncTwin,
     GroupedTwin,
     SequentialTwin,
+    StackedTwin,
     TrainSettings,
     _vmap_gradient_norms,
     batched_gradient_norms,
@@ -221,6 +222,7 @@ def user_spec(tmp_path, monkeypatch) -> ModelSpec:
 
 
 KINDS = {
+    "stacked": StackedTwin,  # tanh differentiated by hand
     "grouped": lambda m: GroupedTwin(m, grouping_plan(m)),
     "vmap": FuncTwin,
     "sequential": SequentialTwin,
@@ -245,7 +247,8 @@ def test_choice_is_measured_once_per_model_and_batch_shape(user_spec, monkeypatc
     probe = (torch.randn(2, 8, D), torch.randint(0, K, (2, 8)), "classification")
     first = choose_twin(model, probe)
     again = choose_twin(build_model(user_spec), probe)
-    assert isinstance(first, (GroupedTwin, FuncTwin, SequentialTwin)) and type(again) is type(first)
+    assert isinstance(first, (StackedTwin, GroupedTwin, FuncTwin, SequentialTwin))
+    assert type(again) is type(first)
     assert len(timed) == 1
     choose_twin(model, (torch.randn(2, 16, D), torch.randint(0, K, (2, 16)), "classification"))
     assert len(timed) == 2  # another batch size is timed anew
@@ -319,3 +322,47 @@ def test_user_sequential_with_convolutions_grouped_equals_its_modules():
     got = twin.forward(x)
     torch.testing.assert_close(got[0], model(x[0]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], other(x[1]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_hand_written_backward_of_tanh_and_sigmoid_stacks_equals_autograd(task):
+    """StackedTwin's hand-written backward (tanh: 1 − a², sigmoid: a(1 − a), ReLU: sign(a)) gives the
+    gradients autograd gives through GroupedTwin, for both runs."""
+    torch.manual_seed(0)
+    k = K if task == "classification" else 1
+    model = nn.Sequential(
+        nn.Linear(D, 6), nn.Sigmoid(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, k)
+    )
+    assert training.hand_differentiable(model) == [nn.Sigmoid, nn.Tanh, nn.ReLU]
+    stacked, grouped = (
+        StackedTwin(copy.deepcopy(model)),
+        GroupedTwin(copy.deepcopy(model), grouping_plan(model)),
+    )
+    with torch.no_grad():  # make the runs differ
+        for p, q in zip(stacked.params, grouped.params, strict=True):
+            p[1] += 0.3 * torch.randn_like(p[1])
+            q.copy_(p)
+    x = torch.randn(2, 9, D)
+    y = torch.randint(0, K, (2, 9)) if task == "classification" else torch.randn(2, 9)
+    loss_s, grads_s = stacked.loss_and_gradients(x, y, task)
+    loss_g, grads_g = grouped.loss_and_gradients(x, y, task)
+    torch.testing.assert_close(loss_s, loss_g)
+    for a, b in zip(grads_s, grads_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        [nn.Linear(D, 4), nn.GELU(), nn.Linear(4, K)],  # no hand-written derivative
+        [nn.Linear(D, 4), nn.Tanh(), nn.Tanh(), nn.Linear(4, K)],  # two activations in a row
+        [nn.Linear(D, 4, bias=False), nn.Tanh(), nn.Linear(4, K)],  # no bias
+        [nn.Tanh(), nn.Linear(D, K)],  # starts with an activation
+    ],
+)
+def test_stacked_twin_refuses_what_it_cannot_differentiate_by_hand(layers):
+    model = nn.Sequential(*layers)
+    assert training.hand_differentiable(model) is None
+    assert StackedTwin.name not in training._candidates(model)
+    with pytest.raises(ValueError):
+        StackedTwin(model)

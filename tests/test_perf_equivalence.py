@@ -73,13 +73,44 @@ def test_chunked_closed_form_equals_one_chunk(monkeypatch):
 
 def test_user_models_outside_linear_relu_stacks_take_the_vmap_path():
     data = make_data("classification")
-    model = nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, K))
+    model = nn.Sequential(nn.Linear(D, 4), nn.LayerNorm(4), nn.Linear(4, K))  # no grouping plan
     assert not is_linear_relu_stack(model)
     assert not is_linear_relu_stack(nn.Sequential(nn.Linear(D, 4, bias=False)))
     traj = random_trajectories(model)
     got = clipped_gradient_norms(model, traj, data, 2.0, 8, seed=1)  # vmap over iterates too
     np.testing.assert_allclose(
         got, _vmap_gradient_norms(model, traj, data, 2.0, 8, seed=1), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize(
+    "layers",
+    [
+        lambda k: [nn.Linear(D, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, k)],  # tanh MLP
+        lambda k: [nn.Flatten(), nn.Linear(D, 6, bias=False), nn.GELU(), nn.Linear(6, k)],  # no bias
+        lambda k: [nn.Tanh(), nn.Linear(D, 5), nn.SiLU(), nn.Linear(5, k, bias=False), nn.Identity()],
+    ],
+)
+def test_closed_form_for_user_sequentials_of_linear_layers_equals_vmap_grad(task, layers, monkeypatch):
+    """Sequentials of Linear layers and elementwise activations take the closed form
+    (rows_gradient_norms), in one chunk or in many, and it equals per-iterate vmap(grad)."""
+    data = make_data(task)
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers(data.n_outputs))
+    assert not is_linear_relu_stack(model)
+    traj = random_trajectories(model)
+    loss_clip = 2.0 if task == "classification" else 20.0
+    slow = _vmap_gradient_norms(model, traj, data, loss_clip, 16, seed=1)
+    assert 0 < np.mean(slow == 0) < 1, "the case must mix clipped and unclipped examples"
+    called = []
+    monkeypatch.setattr(training, "batched_gradient_norms", lambda *a: called.append(a))  # not taken
+    fast = clipped_gradient_norms(model, traj, data, loss_clip, 16, seed=1)
+    assert not called
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(training, "_CHUNK_ELEMENTS", 1)  # one model per chunk
+    np.testing.assert_allclose(
+        clipped_gradient_norms(model, traj, data, loss_clip, 16, seed=1), fast, rtol=1e-6
     )
 
 

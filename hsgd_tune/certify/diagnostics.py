@@ -34,7 +34,15 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from hsgd_tune import bound
-from hsgd_tune.train.twin import H_RUN, S_RUN, per_example_error, per_example_loss
+from hsgd_tune.train.twin import (
+    H_RUN,
+    S_RUN,
+    grouping_plan,
+    per_example_error,
+    per_example_loss,
+    stack_plan_parameters,
+    stacked_forward,
+)
 
 #: Prior standard deviations the certificate may use; fixed before seeing S (union bound over them).
 PRIOR_STD_GRID = bound.geometric_grid(1e-4, 1.0, 41)
@@ -109,36 +117,68 @@ def derived_seed(settings: Any, purpose: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Weight vectors per stacked pass of the functions below. Small chunks keep each pass's activations
+#: in cache: on the CNN of studies/cnn_digits.toml (V = 500 rows, 96 points) the L_pop gradients
+#: took 0.23 s in chunks of 4 and 0.34 s in chunks of 32; chunks of 1 pay the per-pass overhead.
+CHUNK = 4
+
+
 def _stacked(iterates: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(iterates), dtype=torch.float32)
 
 
+def _forward_many(fm: FlatModel, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(m, p) weights, (n, d) inputs → (m, n, k) outputs, as ``fm.forward_many``. A model of
+    :func:`~hsgd_tune.train.twin.grouping_plan`'s layers (the built-in MLP and CNN, a user's Sequential of
+    common layers) takes one stacked pass (:func:`~hsgd_tune.train.twin.stacked_forward`: batched matrix
+    products, one convolution of all m models' channels, channels-last pooling) instead of
+    ``vmap(functional_call)``, whose batching rules copy every activation to move the model dimension
+    in and out of the channels (several times slower for a CNN); equal to float rounding
+    (tests/test_diagnostics_trajectory.py)."""
+    plan = grouping_plan(fm.model)
+    if plan is None:
+        return fm.forward_many(flats, x)
+    m = flats.shape[0]
+    params = [c.view(m, *shape) for c, shape in zip(flats.split(fm.sizes, dim=1), fm.shapes, strict=True)]
+    return stacked_forward(plan, stack_plan_parameters(plan, params), x)
+
+
 def iterate_risks(
-    fm: FlatModel, iterates: np.ndarray, x: torch.Tensor, y: torch.Tensor, loss_clip: float, chunk: int = 32
+    fm: FlatModel,
+    iterates: np.ndarray,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_clip: float,
+    chunk: int = CHUNK,
 ) -> np.ndarray:
     """(m,) ``R̂_B(w) = mean_i min(ℓ(w, z_i), B)`` on (x, y) at each of the (m, p) iterates."""
     out = []
     with torch.no_grad():
         for w in _stacked(iterates).split(chunk):
-            logits = fm.forward_many(w, x)  # (c, n, k)
+            logits = _forward_many(fm, w, x)  # (c, n, k)
             out.append(per_example_loss(logits, y.expand(logits.shape[:-1]), fm.task).clamp(max=loss_clip))
     return torch.cat(out).mean(dim=1).double().numpy()
 
 
 def iterate_errors(
-    fm: FlatModel, iterates: np.ndarray, x: torch.Tensor, y: torch.Tensor, loss_clip: float, chunk: int = 32
+    fm: FlatModel,
+    iterates: np.ndarray,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_clip: float,
+    chunk: int = CHUNK,
 ) -> np.ndarray:
     """(m,) mean bounded error (0-1, or ``ℓ_B/B`` for regression) on (x, y) at each iterate."""
     out = []
     with torch.no_grad():
         for w in _stacked(iterates).split(chunk):
             # In float64: a mean of n float32 zeros and ones would not be an exact count over n.
-            out.append(_bounded_error(fm.forward_many(w, x), y, fm.task, loss_clip).double().mean(dim=1))
+            out.append(_bounded_error(_forward_many(fm, w, x), y, fm.task, loss_clip).double().mean(dim=1))
     return torch.cat(out).numpy()
 
 
 def mean_gradient_norms(
-    fm: FlatModel, points: np.ndarray, x: torch.Tensor, y: torch.Tensor, loss_clip: float, chunk: int = 32
+    fm: FlatModel, points: np.ndarray, x: torch.Tensor, y: torch.Tensor, loss_clip: float, chunk: int = CHUNK
 ) -> np.ndarray:
     """(m,) ``‖∇_w mean_i min(ℓ(w, z_i), B)‖`` at each of the (m, p) points: the gradient of the
     clipped empirical risk on (x, y), an estimate of the population risk's gradient when (x, y) is
@@ -147,7 +187,7 @@ def mean_gradient_norms(
     norms = []
     for w in _stacked(points).split(chunk):
         w = w.clone().requires_grad_(True)
-        logits = fm.forward_many(w, x)
+        logits = _forward_many(fm, w, x)
         risk = per_example_loss(logits, y.expand(logits.shape[:-1]), fm.task).clamp(max=loss_clip).mean(dim=1)
         (grad,) = torch.autograd.grad(risk.sum(), w)
         norms.append(torch.linalg.vector_norm(grad, dim=1).detach())
@@ -175,13 +215,13 @@ def trajectory_measures(data, run, loss_clip: float) -> TrajectoryMeasures | Non
         return None
     traj_s, traj_h = (run.trajectories[r].astype(np.float64) for r in (S_RUN, H_RUN))
     train, val = _tensors(data.train, data.task), _tensors(data.val, data.task)
-    nearest, _ = bound.nearest_points(traj_s, traj_h)
-    # Each distinct segment once; t = 0 is an H-iterate, shared by the S-iterates paired with it.
-    pairs = sorted(set(zip(nearest.tolist(), range(len(traj_s)), strict=True)))
-    ends = traj_h[sorted(set(nearest.tolist()))]
-    inner = [traj_h[j] + t * (traj_s[k] - traj_h[j]) for j, k in pairs for t in SEGMENT_POINTS if t > 0]
-    points = np.concatenate([ends, np.asarray(inner)]) if inner else ends
-    with _one_thread():
+    with _one_thread_and_blas():
+        nearest, _ = bound.nearest_points(traj_s, traj_h)
+        # Each distinct segment once; t = 0 is an H-iterate, shared by the S-iterates paired with it.
+        pairs = sorted(set(zip(nearest.tolist(), range(len(traj_s)), strict=True)))
+        ends = traj_h[sorted(set(nearest.tolist()))]
+        inner = [traj_h[j] + t * (traj_s[k] - traj_h[j]) for j, k in pairs for t in SEGMENT_POINTS if t > 0]
+        points = np.concatenate([ends, np.asarray(inner)]) if inner else ends
         risks = iterate_risks(fm, np.concatenate([traj_s, traj_h]), *train, loss_clip)
         grads = mean_gradient_norms(fm, points, *val, loss_clip)
     n = len(traj_s)
@@ -222,6 +262,27 @@ class _one_thread:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.threads)
+
+
+class _one_thread_and_blas(_one_thread):
+    """:class:`_one_thread`, and one thread for NumPy's BLAS too (threadpoolctl, which MLflow's
+    scikit-learn brings; skipped without it): on a busy 2-core machine the nearest-iterate search's
+    matrix products took 0.3 s a trial with OpenBLAS's two threads, 0.01 s with one. The search's
+    result does not depend on it (its distances are direct differences)."""
+
+    def __enter__(self):
+        super().__enter__()
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - a dependency of scikit-learn, hence of MLflow
+            self.blas = None
+        else:
+            self.blas = threadpool_limits(limits=1, user_api="blas")
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if self.blas is not None:
+            self.blas.restore_original_limits()
 
 
 # ---------------------------------------------------------------------------------------------

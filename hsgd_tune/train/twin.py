@@ -7,8 +7,9 @@ trajectory is then independent of S, which is what the bound needs.
 Runs are advanced in lock step: every step is one forward and one backward pass over a stacked
 batch of shape (2, b, d). Four ways of holding the two runs (``make_twin``):
 
-* :class:`StackedTwin` (built-in MLP and linear model): weights stacked (2, out, in), a batched matrix
-  product per layer and a hand-written backward pass, so two runs cost about one;
+* :class:`StackedTwin` (built-in MLP and linear model, a user's Linear stack with ReLU, tanh or
+  sigmoid between the layers): weights stacked (2, out, in), a batched matrix product per layer and a
+  hand-written backward pass, so two runs cost about one;
 * :class:`GroupedTwin` (built-in CNN, a user's ``nn.Sequential`` of common layers): a batched matrix
   product per Linear and one grouped convolution (``groups=2``, the two runs' channels side by side)
   per Conv2d, autograd for the backward pass;
@@ -16,9 +17,11 @@ batch of shape (2, b, d). Four ways of holding the two runs (``make_twin``):
   ``functional_call``;
 * :class:`SequentialTwin` (a user's ``nn.Module``): two copies, each its own forward in the same loop.
 
-For a user's model :func:`choose_twin` times a few steps of each kind that can step it (``GroupedTwin``,
-``FuncTwin``, ``SequentialTwin``) on the trial's first minibatch and keeps the fastest (vmap is not
-always faster than two modules: small layers pay its dispatch); the choice is recorded with the run
+For a user's model :func:`choose_twin` times a few steps of each kind that can step it
+(``StackedTwin``, ``GroupedTwin``, ``FuncTwin``, ``SequentialTwin``) on the trial's first minibatch
+and keeps the fastest (vmap is not always faster than two modules: small layers pay its dispatch);
+images are laid out channels-last (CPU pooling is several times faster there); the choice is
+recorded with the run
 (``TwinRun.twin``). All four compute the same SGD steps up to float rounding (tests/test_training.py,
 tests/test_lockstep.py).
 """
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -125,17 +129,47 @@ def per_example_error(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Te
 # ---------------------------------------------------------------------------------------------
 
 
+#: Activations :class:`StackedTwin` differentiates by hand: the function, and its derivative written
+#: with its output a (ReLU: sign(a), as a ≥ 0; tanh: 1 − a²; sigmoid: a(1 − a)).
+_HAND_DIFFERENTIATED: dict[type, tuple[Callable, Callable]] = {
+    nn.ReLU: (torch.relu, torch.sign),
+    nn.Tanh: (torch.tanh, lambda a: 1.0 - a * a),
+    nn.Sigmoid: (torch.sigmoid, lambda a: a * (1.0 - a)),
+}
+
+
+def hand_differentiable(model: nn.Module) -> list[type] | None:
+    """The activations between the Linear layers of ``model`` when :class:`StackedTwin` can step it
+    (an ``nn.Sequential`` Linear, then (activation, Linear)*, every Linear biased, every activation
+    one of ``_HAND_DIFFERENTIATED``), else None."""
+    if not isinstance(model, nn.Sequential) or len(model) % 2 == 0:
+        return None
+    linears, activations = list(model)[::2], list(model)[1::2]
+    if not all(type(layer) is nn.Linear and layer.bias is not None for layer in linears):
+        return None
+    if not all(type(act) in _HAND_DIFFERENTIATED for act in activations):
+        return None
+    return [type(act) for act in activations]
+
+
 class StackedTwin:
-    """A built-in model (Linear/ReLU stack) held twice as stacked weights (2, out, in).
+    """A Linear stack (the built-in MLP and linear model, or a user's Sequential of biased Linear
+    layers with ReLU, tanh or sigmoid between them: :func:`hand_differentiable`) held twice as
+    stacked weights (2, out, in).
 
     :meth:`loss_and_gradients` backpropagates by hand: per layer, one batched matrix product for the
-    weight gradients and one for the gradient flowing down. Without autograd's graph a step of both
-    runs costs about one ``nn.Module`` + ``torch.optim.SGD`` step (benchmarks/overhead.py).
+    weight gradients and one for the gradient flowing down, times the activation's derivative. Without
+    autograd's graph a step of both runs costs about one ``nn.Module`` + ``torch.optim.SGD`` step
+    (benchmarks/overhead.py).
     """
 
     name = "stacked"
 
     def __init__(self, model: nn.Module):
+        kinds = hand_differentiable(model)
+        if kinds is None:
+            raise ValueError("StackedTwin steps Linear stacks with ReLU, tanh or sigmoid between them")
+        self.activations = [_HAND_DIFFERENTIATED[kind] for kind in kinds]
         layers = linear_layers(model)
         self.weights = [_stack2(layer.weight) for layer in layers]
         self.biases = [_stack2(layer.bias.unsqueeze(0)) for layer in layers]  # (2, 1, out)
@@ -154,7 +188,7 @@ class StackedTwin:
         h, inputs = x, []
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             if i > 0:
-                h = torch.relu(h)
+                h = self.activations[i - 1][0](h)
             inputs.append(h)
             h = torch.baddbmm(b, h, w.transpose(1, 2))
         return h, inputs
@@ -165,8 +199,9 @@ class StackedTwin:
         """(2,) mean minibatch loss of each run, and its gradient for each tensor of :attr:`params`.
 
         For z = a Wᵀ + b with upstream gradient δ = ∂L/∂z: ∂L/∂W = δᵀ a, ∂L/∂b = Σ_rows δ, and
-        ∂L/∂a = δ W, masked below a ReLU where a = relu(z_prev) is 0: sign(a) is that 0/1 mask, as
-        a ≥ 0 (and several times cheaper than a comparison).
+        ∂L/∂a = δ W, times the activation's derivative below it, written with a = f(z_prev): below a
+        ReLU, sign(a) is the 0/1 mask where a is 0, as a ≥ 0 (and several times cheaper than a
+        comparison); below tanh, 1 − a².
         """
         out, inputs = self._forward(x)
         loss, delta = _loss_and_output_gradient(out, y, task)
@@ -174,7 +209,7 @@ class StackedTwin:
         for i in range(len(self.weights) - 1, -1, -1):
             grads += [delta.sum(dim=1, keepdim=True), torch.bmm(delta.transpose(1, 2), inputs[i])]
             if i > 0:
-                delta = torch.bmm(delta, self.weights[i]).mul_(inputs[i].sign())
+                delta = torch.bmm(delta, self.weights[i]).mul_(self.activations[i - 1][1](inputs[i]))
         return loss, grads[::-1]  # W0, b0, W1, b1, ... like params
 
     def flat(self) -> torch.Tensor:
@@ -270,7 +305,8 @@ class _AutogradTwin:
 class GroupedTwin(_AutogradTwin):
     """A model of :func:`grouping_plan`'s layers (the built-in CNN, a user's Sequential) held twice:
     each parameter stacked (2, ...), each Linear of both runs one batched matrix product, each
-    convolution one grouped convolution over both runs' channels side by side.
+    convolution one grouped convolution over both runs' channels side by side
+    (:func:`stacked_forward` with M = 2).
 
     Images of both runs are laid out (b, 2c, h, w): group r of every convolution (``groups=2``) sees
     run r's channels only, so the pass computes both runs exactly as two separate modules would.
@@ -282,19 +318,8 @@ class GroupedTwin(_AutogradTwin):
 
     def __init__(self, model: nn.Module, plan: list[tuple[str, nn.Module]]):
         self.plan = plan
-        self.stacked: list[list[torch.Tensor]] = []  # per layer: stacked weight (and bias)
-        for step, layer in plan:
-            if step == "linear":
-                bias = [] if layer.bias is None else [_stack2(layer.bias.unsqueeze(0))]  # (2, 1, out)
-                self.stacked.append([_stack2(layer.weight), *bias])
-            elif step == "conv":
-                self.stacked.append(
-                    [_stack2(layer.weight), *([] if layer.bias is None else [_stack2(layer.bias)])]
-                )
-            else:
-                self.stacked.append([])
-        for p in self.params:
-            p.requires_grad_(True)
+        stacked = stack_plan_parameters(plan, [_stack2(p) for p in model.parameters()])
+        self.stacked = [[p.clone().requires_grad_(True) for p in layer] for layer in stacked]  # leaves
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -302,24 +327,95 @@ class GroupedTwin(_AutogradTwin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (2, b, d) → outputs (2, b, k)."""
-        h, b = x, x.shape[1]
-        for (step, layer), params in zip(self.plan, self.stacked, strict=True):
-            if step == "linear":
-                w = params[0].transpose(1, 2)
-                h = torch.baddbmm(params[1], h, w) if len(params) > 1 else torch.bmm(h, w)
-            elif step == "conv":  # weight (2, out, in, k, k) → (2·out, in, k, k), group-major
-                bias = params[1].flatten() if len(params) > 1 else None
-                h = torch.nn.functional.conv2d(
-                    h, params[0].flatten(0, 1), bias, layer.stride, layer.padding, layer.dilation, groups=2
-                )
-            elif step == "unflatten":  # (2, b, c·h·w) → (b, 2c, h, w)
-                c, *hw = layer.unflattened_size
-                h = h.reshape(2, b, c, *hw).transpose(0, 1).reshape(b, 2 * c, *hw)
-            elif step == "flatten":  # (b, 2c, h, w) → (2, b, c·h·w), each run's in Flatten's order
-                h = h.reshape(b, 2, -1).transpose(0, 1)
+        return stacked_forward(self.plan, self.stacked, x)
+
+
+def stack_plan_parameters(
+    plan: list[tuple[str, nn.Module]], stacked: list[torch.Tensor]
+) -> list[list[torch.Tensor]]:
+    """Per layer of ``plan``, its parameters stacked (M, ...), from ``stacked``: the model's
+    parameters in ``model.parameters()`` order, each (M, *shape) (views are kept: a gradient with
+    respect to what they view flows through). A Linear's bias becomes (M, 1, out)."""
+    it = iter(stacked)
+    layers: list[list[torch.Tensor]] = []
+    for step, layer in plan:
+        if step not in ("linear", "conv"):
+            layers.append([])
+            continue
+        params = [next(it)] + ([] if layer.bias is None else [next(it)])
+        if step == "linear" and len(params) > 1:
+            params[1] = params[1].unsqueeze(1)  # (M, 1, out)
+        layers.append(params)
+    return layers
+
+
+def stacked_forward(
+    plan: list[tuple[str, nn.Module]], stacked: list[list[torch.Tensor]], x: torch.Tensor
+) -> torch.Tensor:
+    """M models of one :func:`grouping_plan` at once, layer ``i``'s parameters ``stacked[i]`` (M, ...)
+    (:func:`stack_plan_parameters`): x (M, b, d), each model its own rows, or (b, d) shared by all
+    → outputs (M, b, k).
+
+    Rows are (M, b, f): a Linear is one batched matrix product. Images are (b, M·c, h, w), model r's
+    channels the r-th group, in channels-last memory (CPU pooling is several times faster on it,
+    and the convolution keeps it); a convolution is one ``groups=M`` convolution. Shared rows stay
+    shared until the first layer with parameters: a Linear then computes all M models from them in
+    one matrix product; for a Conv2d the shared images are repeated into M groups (unambiguously
+    channels-last, even with one input channel, which the convolution would not keep). A ReLU
+    followed by MaxPool2d is evaluated after it (same values and gradients).
+    """
+    m = next(p.shape[0] for params in stacked for p in params)
+    h, b = x, x.shape[-2]
+    shared = x.dim() == 2  # (b, d) rows, or (b, c, h, w) images, common to the M models
+    swapped = False
+    for i, ((step, layer), params) in enumerate(zip(plan, stacked, strict=True)):
+        if swapped:  # this ReLU was applied after the max-pooling that follows it
+            swapped = False
+            h = torch.relu(h)
+            continue
+        if _relu_then_max_pool(plan, i):
+            # max_pool(relu(z)) = relu(max_pool(z)) exactly, and so is the gradient: ReLU is
+            # monotone, so a window whose maximum is positive has the same first maximum either
+            # way, and any other window passes no gradient (ReLU's is 0 at 0). ReLU then acts on
+            # a tensor the pooling has made several times smaller.
+            h, swapped = plan[i + 1][1](h), True
+            continue
+        if step == "linear":
+            w = params[0].transpose(1, 2)  # (M, in, out)
+            if shared:  # (b, in) @ (M, in, out): one product for the M models
+                h = torch.matmul(h, w) if len(params) == 1 else torch.matmul(h, w) + params[1]
             else:
-                h = layer(h)
-        return h
+                h = torch.baddbmm(params[1], h, w) if len(params) > 1 else torch.bmm(h, w)
+            shared = False
+        elif step == "conv":  # weight (M, out, in, k, k) → (M·out, in, k, k), model-major
+            bias = params[1].flatten() if len(params) > 1 else None
+            if shared:  # (b, c, h, w) → (b, M·c, h, w): unambiguously channels-last, even for c = 1
+                h = h.unsqueeze(1).expand(-1, m, *h.shape[1:]).flatten(1, 2)
+                h = h.contiguous(memory_format=torch.channels_last)
+            w = params[0].flatten(0, 1)
+            h = F.conv2d(h, w, bias, layer.stride, layer.padding, layer.dilation, m)
+            shared = False
+        elif step == "unflatten":  # (M, b, c·h·w) → (b, M·c, h, w), or shared (b, c·h·w) → (b, c, h, w)
+            c, *hw = layer.unflattened_size
+            if not shared:
+                h = h.reshape(m, b, c, *hw).transpose(0, 1)
+            h = h.reshape(b, -1, *hw)
+            h = h.contiguous(memory_format=torch.channels_last)
+        elif step == "flatten":  # (b, M·c, h, w) → (M, b, c·h·w), each model's in Flatten's order
+            h = h.contiguous()
+            h = h.reshape(b, -1) if shared else h.reshape(b, m, -1).transpose(0, 1)
+        elif not isinstance(layer, nn.Flatten):  # Flatten on rows: they are flat already
+            h = layer(h)
+    return h.expand(m, *h.shape) if shared else h
+
+
+def _relu_then_max_pool(plan: list[tuple[str, nn.Module]], i: int) -> bool:
+    return (
+        type(plan[i][1]) is nn.ReLU
+        and i + 1 < len(plan)
+        and type(plan[i + 1][1]) is nn.MaxPool2d
+        and not plan[i + 1][1].return_indices
+    )
 
 
 class FuncTwin(_AutogradTwin):
@@ -400,6 +496,8 @@ _CHOSEN: dict[tuple, str] = {}
 
 def _candidates(model: nn.Module) -> dict[str, Callable[[nn.Module], Twin]]:
     kinds: dict[str, Callable[[nn.Module], Twin]] = {}
+    if hand_differentiable(model) is not None:
+        kinds[StackedTwin.name] = StackedTwin
     if grouping_plan(model) is not None:
         kinds[GroupedTwin.name] = lambda m: GroupedTwin(m, grouping_plan(m))
     if not any(True for _ in model.buffers()):  # vmap cannot update running statistics in place
@@ -410,7 +508,8 @@ def _candidates(model: nn.Module) -> dict[str, Callable[[nn.Module], Twin]]:
 
 def choose_twin(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor, str], repeats: int = 5) -> Twin:
     """Time ``repeats`` forward + backward passes of each kind of twin that can step ``model``
-    (:class:`GroupedTwin` for Sequentials of common layers, :class:`FuncTwin` without buffers,
+    (:class:`StackedTwin` for Linear stacks it differentiates by hand, :class:`GroupedTwin` for
+    Sequentials of common layers, :class:`FuncTwin` without buffers,
     :class:`SequentialTwin` always) on the probe minibatch, interleaved, after one warm-up each (which
     also drops a kind that fails, e.g. vmap on dropout), and return the fastest (min over repeats),
     built on ``model``. The choice is remembered per process for the same model structure, batch
@@ -700,19 +799,79 @@ def clipped_gradient_norms(
     """‖∇_w ℓ_B(w, z)‖ for every recorded iterate w of both runs and every z of the subsample.
 
     ℓ_B = min(ℓ, B) has zero gradient where ℓ ≥ B. trajectories (2, N, p) → norms (2, N, m).
-    Built-in Linear/ReLU stacks take the closed form for all iterates at once; other models (the CNN,
-    a user's) ``vmap(grad)`` over the examples, batched over chunks of iterates by a second ``vmap``.
+    Built-in Linear/ReLU stacks take the closed form for all iterates at once, and so do a user's
+    Sequentials of Linear layers and elementwise activations (:func:`rows_gradient_norms`); other
+    models (the CNN, a user's) ``vmap(grad)`` over the examples, batched over chunks of iterates by a
+    second ``vmap``.
     """
-    if not is_linear_relu_stack(model):
+    relu_stack = is_linear_relu_stack(model)
+    plan = None if relu_stack else grouping_plan(model)
+    rows_only = plan is not None and {step for step, _ in plan} <= {"linear", "per-example"}
+    if not (relu_stack or rows_only) or (rows_only and not linear_layers(model)):
         return batched_gradient_norms(model, trajectories, data, loss_clip, m, seed)
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)
     y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
-    shapes = [tuple(layer.weight.shape) for layer in linear_layers(model)]
     iterates = torch.as_tensor(trajectories)
     flat = iterates.reshape(-1, iterates.shape[-1])  # (2N, p): every iterate a model of the stack
-    norms = stacked_gradient_norms(shapes, flat, x, y, data.task, loss_clip)
+    if rows_only:
+        norms = rows_gradient_norms(plan, flat, x, y, data.task, loss_clip)
+    else:
+        shapes = [tuple(layer.weight.shape) for layer in linear_layers(model)]
+        norms = stacked_gradient_norms(shapes, flat, x, y, data.task, loss_clip)
     return norms.reshape(*iterates.shape[:-1], len(y)).double().numpy()
+
+
+def rows_gradient_norms(
+    plan: list[tuple[str, nn.Module]],
+    iterates: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: str,
+    loss_clip: float,
+) -> torch.Tensor:
+    """:func:`stacked_gradient_norms` for any :func:`grouping_plan` on rows (Linear layers, biased or
+    not, and elementwise activations or Flatten between them): iterates (M, p) → (M, m). The same
+    closed form, ‖∂ℓ/∂W‖² + ‖∂ℓ/∂b‖² = ‖δ‖²(‖a‖² + 1) (without the 1 for a Linear without bias),
+    with every δ from one backward pass through the activations."""
+    linears = [layer for step, layer in plan if step == "linear"]
+    width = sum(layer.in_features + layer.out_features for layer in linears)
+    step = max(1, _CHUNK_ELEMENTS // (iterates.shape[1] + 3 * len(y) * width))
+    with torch.enable_grad():  # callers may sit under no_grad; the backward pass below needs a graph
+        return torch.cat([_rows_chunk(plan, c, x, y, task, loss_clip) for c in iterates.split(step)])
+
+
+def _rows_chunk(plan, iterates, x, y, task, loss_clip) -> torch.Tensor:
+    """:func:`rows_gradient_norms` on one chunk of M models: iterates (M, p) → (M, m)."""
+    n_models, m = iterates.shape[0], len(y)
+    h = x.to(iterates.dtype).expand(n_models, *x.shape)  # (M, m, d)
+    inputs, pre, biased = [], [], []  # per Linear: a (M, m, in), z (M, m, out), has a bias
+    offset = 0
+    for step, layer in plan:
+        if step != "linear":
+            h = h if isinstance(layer, nn.Flatten) else layer(h)  # rows are flat already
+            continue
+        out, inp = layer.out_features, layer.in_features
+        w = iterates[:, offset : offset + out * inp].reshape(n_models, out, inp).transpose(1, 2)
+        offset += out * inp
+        if layer.bias is not None:
+            z = torch.baddbmm(iterates[:, offset : offset + out].unsqueeze(1), h, w)
+            offset += out
+        else:
+            z = torch.bmm(h, w)
+        if not pre:
+            z.requires_grad_(True)  # the graph starts here: weights and x need no gradient
+        inputs.append(h.detach())
+        pre.append(z)
+        biased.append(layer.bias is not None)
+        h = z
+    loss = per_example_loss(h, y.expand(n_models, m), task)  # (M, m)
+    deltas = torch.autograd.grad(loss.sum(), pre)
+    sq = sum(
+        d.pow(2).sum(-1) * (a.pow(2).sum(-1) + float(bias))
+        for d, a, bias in zip(deltas, inputs, biased, strict=True)
+    )
+    return (sq.sqrt() * (loss.detach() < loss_clip)).detach()
 
 
 def is_linear_relu_stack(model: nn.Module) -> bool:
