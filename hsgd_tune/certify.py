@@ -157,7 +157,7 @@ def certify(
     :class:`~hsgd_tune.worker.StudyLock`) is held around each trial's check-compute-log, so several
     processes certifying the same study compute each trial once. ``on_trial`` sees each trial
     computed now (not those found done). Once ``stop`` is set, no further trial starts.
-    ``workers``: processes computing certificates side by side (default: :func:`parallel_workers`).
+    ``workers``: threads computing certificates side by side (default: :func:`parallel_workers`).
     """
     _check_same_study(cfg, study)
     trials = [certifiable(study, n) for n in dict.fromkeys(numbers)]
@@ -185,28 +185,36 @@ def certify(
     return results
 
 
-#: Fewest trials to certify for which worker processes pay for their start (importing torch, ~1–2 s)
-#: at about 0.9 s per quick-start certificate (benchmarks/study.py).
-PARALLEL_FROM = 4
+#: Fewest trials to certify side by side: threads start at no cost, but one trial is one thread.
+PARALLEL_FROM = 2
 
 
 def parallel_workers(n_trials: int) -> int:
-    """Processes to certify ``n_trials`` with: this process's idle cores (worker.default_threads), at
-    most one per trial; 1 (here, no pool) below :data:`PARALLEL_FROM` trials or with one idle core."""
-    from hsgd_tune.worker import default_threads
+    """Threads to certify ``n_trials`` with: the cores that nothing else keeps busy, at most one per
+    trial; 1 (this thread alone) on a busy machine. The 1-minute load average counts this process's
+    own trials too (up to one core: one torch thread each), which the certificates now take over."""
+    from hsgd_tune.worker import available_cores
 
-    workers = min(default_threads(), n_trials)
+    cores = available_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        load = 0.0
+    idle = int(cores - max(0.0, load - 1.0))
+    workers = min(idle, n_trials)
     return workers if n_trials >= PARALLEL_FROM and workers > 1 else 1
 
 
 def _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, workers):
-    """:func:`certify` with :func:`certify_trial` run for the pending trials in ``workers`` spawned
-    processes, each logging its trial to MLflow itself. Each runs the same code on the same recorded
-    arrays with one torch thread (``measure`` sets it), so every number is bit for bit the one a
-    sequential :func:`certify` logs. ``lock`` is held over the whole batch (not per trial), so a
-    concurrent certifier still computes no trial twice; ``on_trial`` sees the trials in order."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """:func:`certify` with the pending trials computed by ``workers`` threads of this process, side
+    by side (torch releases the GIL in its kernels; a thread starts at no cost, where a process pays
+    seconds of imports). Each trial runs the same code on the same recorded arrays with one torch
+    thread (set here for the whole batch, as every trial's random numbers come from its own seeded
+    generators), so every number is bit for bit the one a sequential :func:`certify` logs. This
+    thread logs the results, in trial order, and ``on_trial`` sees them in that order; ``lock`` is
+    held over the whole batch (not per trial), so a concurrent certifier still computes no trial
+    twice. Once ``stop`` is set no further trial starts; those already running finish and are logged."""
+    from concurrent.futures import ThreadPoolExecutor
 
     results: dict[int, Certified] = {}
     with lock() if lock is not None else contextlib.nullcontext():
@@ -221,24 +229,28 @@ def _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, worke
             from hsgd_tune.runner import prepare  # runner imports this module
 
             data = prepare(cfg)
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
-        with ProcessPoolExecutor(min(workers, max(1, len(pending))), mp_context=context) as pool:
-            futures = [
-                (t, pool.submit(_certify_in_worker, cfg, data, tracker.uri, t, metrics))
-                for t, metrics in pending
-            ]
+
+        def compute(trial, run_metrics):
+            if stop is not None and stop.is_set():
+                return None
+            return _compute(cfg, data, tracker, trial, run_metrics)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one for all: measure()'s own set-and-restore would race across threads
+        pool = ThreadPoolExecutor(min(workers, max(1, len(pending))), thread_name_prefix="hsgd-certify")
+        try:
+            futures = [(t, pool.submit(compute, t, metrics)) for t, metrics in pending]
             for trial, future in futures:
-                if stop is not None and stop.is_set():
-                    pool.shutdown(cancel_futures=True)  # trials already running still finish
-                    break
-                results[trial.number] = future.result()
+                computed = future.result()
+                if computed is None:
+                    continue
+                results[trial.number] = _log(tracker, *computed)
                 if on_trial is not None:
                     on_trial(results[trial.number])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
     return [results[t.number] for t in trials if t.number in results]
-
-
-def _certify_in_worker(cfg, data, uri: str, trial, run_metrics) -> Certified:
-    return certify_trial(cfg, data, Tracker(uri), trial, run_metrics)
 
 
 def recorded(study: optuna.Study, tracker: Tracker, number: int) -> Certified | None:
@@ -295,6 +307,11 @@ def certify_trial(
 ) -> Certified:
     """Rebuild trial ``trial`` from its artifacts, run :func:`measure` on it as the trial would have,
     and log the result to its (finished) MLflow run at the trial's last step."""
+    return _log(tracker, *_compute(cfg, data, tracker, trial, run_metrics))
+
+
+def _compute(cfg, data, tracker, trial, run_metrics) -> tuple[int, str, dict, dict, int]:
+    """:func:`certify_trial` up to the logging: (trial, run id, metrics, tags, step)."""
     run_id = trial.user_attrs["mlflow_run_id"]
     settings = train_settings(cfg, trial.params)
     with tempfile.TemporaryDirectory(prefix="hsgd-certify-") as tmp:
@@ -308,8 +325,12 @@ def certify_trial(
     tags.setdefault(DIAGNOSTICS_TAG, AFTER_STUDY)  # measure's own "skipped: …" says more; keep it
     if measured.metrics:  # as objective.TrialOutcome.tags() says for a trial that measured
         tags["hsgd.delta_split"] = DELTA_SPLIT
-    tracker.log(run_id, metrics=metrics, step=settings.steps, tags=tags)
-    return Certified(trial.number, run_id, metrics, tags, computed=True)
+    return trial.number, run_id, metrics, tags, settings.steps
+
+
+def _log(tracker: Tracker, number: int, run_id: str, metrics: dict, tags: dict, step: int) -> Certified:
+    tracker.log(run_id, metrics=metrics, step=step, tags=tags)
+    return Certified(number, run_id, metrics, tags, computed=True)
 
 
 def load_twin(

@@ -432,6 +432,7 @@ def pointwise_draw_errors(
     loss_clip: float = 5.0,
     seed: int = 0,
     chunk: int = 2000,
+    local: bool = True,
 ) -> np.ndarray:
     """(n, draws) errors, each (example, draw) pair with its *own* independent weights ``w ~ Q``.
 
@@ -443,13 +444,13 @@ def pointwise_draw_errors(
     linear models) the weights are not drawn: each pair's network output is drawn from exactly its
     distribution under its own weights (:func:`_sampled_outputs`, the local reparameterisation of
     Kingma et al. 2015), with a few random numbers per hidden unit instead of one per weight. Any
-    other model draws the (n·draws, p) weights themselves. The terms are the same in distribution
-    either way, so the statement and its Monte-Carlo correction are unchanged.
+    other model (and ``local=False``) draws the (n·draws, p) weights themselves. The terms have the
+    same law either way, so the statement and its Monte-Carlo correction are unchanged.
     """
     gen = torch.Generator().manual_seed(seed)
     mean_t = torch.as_tensor(mean, dtype=torch.float32)
     std_t = torch.as_tensor(std, dtype=torch.float32)
-    chain = _linear_chain(fm)
+    chain = _linear_chain(fm) if local else None
     if chain is not None:
         mean_p, var_p = fm.params(mean_t), fm.params(std_t * std_t)
         xs, ys = x.repeat_interleave(draws, dim=0), y.repeat_interleave(draws, dim=0)
