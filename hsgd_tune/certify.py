@@ -162,8 +162,30 @@ def certify(
     _check_same_study(cfg, study)
     trials = [certifiable(study, n) for n in dict.fromkeys(numbers)]
     workers = parallel_workers(len(trials)) if workers is None else workers
-    if workers > 1:
-        return _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, workers)
+    with _one_blas_thread():
+        if workers > 1:
+            return _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, workers)
+        return _certify_in_turn(cfg, tracker, trials, data, on_trial, lock, stop)
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """NumPy's BLAS on one thread while certifying (the trajectory bound's nearest-point products),
+    as torch is: its default of one thread per core spins against whatever else runs, and made the
+    bound several times slower on a shared machine. The numbers do not change (the products only
+    shortlist nearest points, whose distances are then computed directly; tests/test_certify.py
+    compares the certificates with those computed inside the trials)."""
+    try:
+        from threadpoolctl import threadpool_limits  # with scikit-learn, which mlflow brings
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _certify_in_turn(cfg, tracker, trials, data, on_trial, lock, stop) -> list[Certified]:
+    """:func:`certify` one trial after the other in this thread, ``lock`` held around each."""
     results = []
     for trial in trials:
         if stop is not None and stop.is_set():
