@@ -56,6 +56,7 @@ class FlatModel:
         self.names = [name for name, _ in model.named_parameters()]
         self.shapes = [p.shape for p in model.parameters()]
         self.sizes = [p.numel() for p in model.parameters()]
+        self.chain = _linear_chain(self)  # a chain of Linear and unit-wise layers, or None
 
     @property
     def n_params(self) -> int:
@@ -69,7 +70,12 @@ class FlatModel:
         return {n: c.view(s) for n, c, s in zip(self.names, flat.split(self.sizes), self.shapes, strict=True)}
 
     def forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(p,) weights, (n, d) inputs → (n, k) outputs."""
+        """(p,) weights, (n, d) inputs → (n, k) outputs. A chain of Linear and unit-wise layers (the
+        built-in MLP and linear models) by the same ``F.linear`` calls its modules make (the same
+        numbers and gradients, tests/test_certificate_equivalence.py) without ``functional_call``'s
+        set-up on every call; any other model through ``functional_call``."""
+        if self.chain is not None:
+            return _chain_forward(self.chain, self.params(flat), x)
         return functional_call(self.model, self.params(flat), (x,))
 
     def forward_many(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -299,24 +305,15 @@ def _linear_chain(fm: FlatModel) -> list | None:
     return chain if covered == set(fm.names) and len(fm.names) == len(covered) else None
 
 
-def _direct_forward(fm: FlatModel):
-    """``fm.forward`` for a :func:`_linear_chain` model by the same ``F.linear`` calls its modules
-    make (identical outputs and gradients) without ``functional_call``'s set-up on every call;
-    ``fm.forward`` itself for any other model."""
-    chain = _linear_chain(fm)
-    if chain is None:
-        return fm.forward
-
-    def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        params, h = fm.params(flat), x
-        for layer in chain:
-            if isinstance(layer, tuple):
-                h = F.linear(h, params[layer[0]], params[layer[1]] if layer[1] else None)
-            else:
-                h = layer(h)
-        return h
-
-    return forward
+def _chain_forward(chain: list, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A :func:`_linear_chain` model at weights ``params`` (name → tensor): its modules' own calls."""
+    h = x
+    for layer in chain:
+        if isinstance(layer, tuple):
+            h = F.linear(h, params[layer[0]], params[layer[1]] if layer[1] else None)
+        else:
+            h = layer(h)
+    return h
 
 
 def _kl_torch(mean, var_q, prior_mean, var_p):
@@ -363,7 +360,6 @@ def fit_posterior(
     start = max(float(torch.linalg.vector_norm(mean.detach() - prior_mean)) / math.sqrt(p), 1e-4)
     log_std = torch.full((int(groups.max()) + 1,), math.log(start), requires_grad=True)
     optimiser = _Adam([(mean, MEAN_LR), (log_std, 0.05)])
-    forward = _direct_forward(fm)
     confidence = math.log(2.0 * math.sqrt(n) / delta)
     best = (math.inf, mean.detach().clone(), log_std.detach().clone())
     for step in range(steps + 1):
@@ -382,7 +378,7 @@ def fit_posterior(
         kl = _kl_torch(mean, var_q, prior_mean, var_p)
         draw = mean + var_q.sqrt() * torch.randn(p, generator=gen)
         idx = torch.randperm(n, generator=gen)[:batch]
-        err = _soft_error(forward(draw, x[idx]), y[idx], fm.task, loss_clip).mean()
+        err = _soft_error(fm.forward(draw, x[idx]), y[idx], fm.task, loss_clip).mean()
         c = (kl + confidence) / n
         relaxed = (torch.sqrt(err + c / 2) + torch.sqrt(c / 2)) ** 2
         optimiser.step(torch.autograd.grad(relaxed, (mean, log_std)))
@@ -450,7 +446,7 @@ def pointwise_draw_errors(
     gen = torch.Generator().manual_seed(seed)
     mean_t = torch.as_tensor(mean, dtype=torch.float32)
     std_t = torch.as_tensor(std, dtype=torch.float32)
-    chain = _linear_chain(fm) if local else None
+    chain = fm.chain if local else None
     if chain is not None:
         mean_p, var_p = fm.params(mean_t), fm.params(std_t * std_t)
         xs, ys = x.repeat_interleave(draws, dim=0), y.repeat_interleave(draws, dim=0)

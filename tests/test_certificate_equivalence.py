@@ -1,7 +1,9 @@
 """The certificate's faster computations (issue #17) against the naive ones they replace.
 
-* The posterior fit: :class:`diagnostics._Adam` and the direct forward give, bit for bit, the posterior
-  that ``torch.optim.Adam`` and ``functional_call`` gave (the reference below is the code as it was).
+* ``FlatModel.forward`` of the built-in MLP and linear models calls ``F.linear`` itself instead of going
+  through ``functional_call``: the same outputs, gradients, batched outputs and Hessian-vector products.
+* The posterior fit: :class:`diagnostics._Adam` gives, bit for bit, the posterior that
+  ``torch.optim.Adam`` and ``functional_call`` gave (the reference below is the code as it was).
 * The Monte Carlo: for the built-in MLP and linear models each (example, draw) term's network output is
   drawn from its law under its own weight draw (local reparameterisation) instead of drawing the
   weights. Not the same random numbers, so not the same values: the test checks the same *law*, against
@@ -17,14 +19,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import vmap
+from torch.func import functional_call, vmap
 
 from hsgd_tune import bound
 from hsgd_tune.diagnostics import (
     PRIOR_STD_GRID,
     FlatModel,
     _bounded_error,
-    _direct_forward,
     _linear_chain,
     _snapshot,
     _soft_error,
@@ -83,7 +84,8 @@ def reference_fit_posterior(fm, w_s, w_h, x, y, *, kind, steps, delta, loss_clip
         kl = 0.5 * ((ratio - 1.0 - torch.log(ratio)).sum() + (mean - prior_mean).pow(2).sum() / var_p)
         draw = mean + var_q.sqrt() * torch.randn(p, generator=gen)
         idx = torch.randperm(n, generator=gen)[:batch]
-        err = _soft_error(fm.forward(draw, x[idx]), y[idx], fm.task, loss_clip).mean()
+        out = functional_call(fm.model, fm.params(draw), (x[idx],))
+        err = _soft_error(out, y[idx], fm.task, loss_clip).mean()
         c = (kl + confidence) / n
         relaxed = (torch.sqrt(err + c / 2) + torch.sqrt(c / 2)) ** 2
         optimiser.zero_grad()
@@ -112,15 +114,27 @@ def test_the_posterior_is_bit_for_bit_the_one_torch_optim_adam_found(model, kind
 
 
 @pytest.mark.parametrize("factory", [mlp, lambda: mlp(widths=())])
-def test_the_direct_forward_equals_functional_call_with_its_gradient(factory):
+def test_the_direct_forward_equals_functional_call_with_its_derivatives(factory):
     fm = factory()
+    assert fm.chain is not None
     x, _ = task(fm)
+
+    def reference(flat, inputs):
+        return functional_call(fm.model, fm.params(flat), (inputs,))
+
     w = flat_parameters(fm.model).clone().requires_grad_(True)
-    direct, reference = _direct_forward(fm)(w, x), fm.forward(w, x)
-    assert torch.equal(direct, reference)
-    (g1,) = torch.autograd.grad(direct.square().sum(), w)
-    (g2,) = torch.autograd.grad(reference.square().sum(), w)
+    direct, slow = fm.forward(w, x), reference(w, x)
+    assert torch.equal(direct, slow)
+    (g1,) = torch.autograd.grad(direct.square().sum(), w, create_graph=True)
+    (g2,) = torch.autograd.grad(slow.square().sum(), w, create_graph=True)
     assert torch.equal(g1, g2)
+    v = torch.randn(len(w), generator=torch.Generator().manual_seed(0))
+    (h1,) = torch.autograd.grad(g1, w, v)  # Hessian-vector products (top_hessian_eigenvalue)
+    (h2,) = torch.autograd.grad(g2, w, v)
+    assert torch.equal(h1, h2)
+    many = w.detach() + 0.1 * torch.randn(5, len(w), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(fm.forward_many(many, x), vmap(reference, in_dims=(0, None))(many, x))
 
 
 def test_only_chains_of_linear_and_unitwise_layers_are_sampled_by_their_outputs():
@@ -133,7 +147,7 @@ def test_only_chains_of_linear_and_unitwise_layers_are_sampled_by_their_outputs(
     shared = nn.Linear(4, 4)
     tied = FlatModel(nn.Sequential(shared, nn.ReLU(), shared), "classification")
     assert _linear_chain(tied) is None  # one weight in two layers: not independent per layer
-    assert _direct_forward(norm) == norm.forward
+    assert norm.chain is None  # through functional_call
 
 
 def naive_rows(fm, mean, std, x, gen):
