@@ -1,9 +1,10 @@
 """Certificates after the study: the PAC-Bayes certificate (and the diagnostics) of finished trials,
 computed from what each trial recorded instead of inside the trial.
 
-By default (``[diagnostics] trials = "front"``) trials skip the certificate, which costs several times
-the training; when the study ends, the trials on its Pareto front are certified here, and so is any
-trial that ``hsgd-tune pick`` chooses or ``hsgd-tune certify`` names. The result is the same number the
+By default (``[diagnostics] trials = "recommended"``) trials skip the certificate, which costs more
+than the training; when the study ends, the recommended trial and the runner-up are certified here
+(``trials = "front"``: the whole Pareto front), and so is any trial that ``hsgd-tune pick`` chooses
+or ``hsgd-tune certify`` names (by default: the Pareto front). The result is the same number the
 trial would have logged: the trial's ``trajectories.npz`` holds both trajectories exactly as trained
 (float32, as in memory), its ``model/`` the S-run's final model, and everything random in
 :func:`hsgd_tune.diagnostics.measure` is seeded by the study seed.
@@ -399,6 +400,26 @@ def read_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec]:
 # ---------------------------------------------------------------------------------------------
 
 
+#: ``[diagnostics] trials`` values that ``run`` certifies after the study, and which trials they mean.
+AFTER_STUDY_SCOPES = {
+    "recommended": "the recommended trial and the runner-up",
+    "front": "the Pareto front",
+}
+
+
+def after_study_trials(study: optuna.Study, cfg: StudyConfig) -> list[int]:
+    """The trials ``run`` certifies when its trials are done: with ``trials = "recommended"`` the
+    first two of the study's rank rule (``[rank]``, as ``run`` and ``rank`` recommend), with
+    ``"front"`` the Pareto front; none otherwise, or while no trial has finished."""
+    if cfg.diagnostics.trials == "front":
+        return front_trials(study)
+    if cfg.diagnostics.trials != "recommended" or not complete_trials(study):
+        return []
+    from hsgd_tune.ranking import rank_study
+
+    return list(rank_study(study, cfg.rank).order[:2])
+
+
 def certify_front(
     study: optuna.Study,
     cfg: StudyConfig,
@@ -409,19 +430,20 @@ def certify_front(
     stop: threading.Event | None = None,
     on_pending: Callable[[list[int]], None] | None = None,
 ) -> list[Certified]:
-    """What ``run`` does when its trials are done, with ``[diagnostics] trials = "front"``: certify
-    the Pareto-front trials that lack a certificate (nothing when the trials had it already).
-    ``say`` gets a header line, then one line per certified trial; ``on_pending`` gets the trials
-    to certify between the two (for a progress bar)."""
-    if cfg.diagnostics.trials != "front" or cfg.diagnose_every_trial or not has_work(cfg):
+    """What ``run`` does when its trials are done: certify :func:`after_study_trials` that lack a
+    certificate (nothing when the trials had it already). ``say`` gets a header line, then one line
+    per certified trial; ``on_pending`` gets the trials to certify between the two (for a progress
+    bar)."""
+    if cfg.diagnose_every_trial or not has_work(cfg):
         return []
-    runs = {n: _get_run(tracker, n, _run_id(study, n)) for n in front_trials(study)}
+    runs = {n: _get_run(tracker, n, _run_id(study, n)) for n in after_study_trials(study, cfg)}
     pending = [n for n, run in runs.items() if not is_done(run)]
     if not pending:
         return []
     if say is not None:
-        shown = ", ".join(map(str, pending))
-        say(f'certifying the Pareto front after the study ([diagnostics] trials = "front"): trials {shown}')
+        shown, scope = ", ".join(map(str, pending)), cfg.diagnostics.trials
+        setting = f'[diagnostics] trials = "{scope}"'
+        say(f"certifying {AFTER_STUDY_SCOPES[scope]} after the study ({setting}): trials {shown}")
     if on_pending is not None:
         on_pending(pending)
     on_trial = (lambda result: say(result.line())) if say is not None else None

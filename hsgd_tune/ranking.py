@@ -274,6 +274,12 @@ class Ranking:
     def _banded(self) -> bool:
         return bool(self.rule.tolerance or self.rule.standard_errors)
 
+    def certified(self) -> list[int] | None:
+        """The finished trials that have their PAC-Bayes certificate; None when MLflow was not read."""
+        if self.certificates is None:
+            return None
+        return sorted(n for n in self.order if CERTIFICATE in self.certificates_of(n))
+
     def certificates_of(self, number: int) -> dict[str, float]:
         attrs = self.trial(number).user_attrs
         found = {k: float(attrs[k]) for k in CERTIFICATES if k in attrs}
@@ -312,6 +318,31 @@ class Ranking:
         se = math.hypot(self._se(best, within), self._se(second, within))
         noise = f", {diff / se:.2g} standard errors of the difference (unpaired)" if se > 0 else ""
         return f"{head}: larger by {diff:.2g}{noise}"
+
+
+def certified_note(table: pd.DataFrame, certified, study_ref: str) -> str | None:
+    """One plain line: which finished trials have their PAC-Bayes certificate (``certificate/bound``)
+    and, when trials of the Pareto front lack it, the command that certifies them (after a study only
+    the recommended trial and the runner-up are, by default); None when no trial has one (the
+    recommendation's ``certificates`` line then says how to compute them)."""
+    certified = sorted({int(n) for n in certified})
+    if not certified or table.empty:
+        return None
+    complete = table[table["state"] == TrialState.COMPLETE.name]
+    front = sorted(int(n) for n in complete.loc[complete["pareto_rank"] == 1, "trial"])
+    missing = [n for n in front if n not in certified]
+    every = len(certified) == len(complete) and len(complete) > 2
+    text = f"Certified (certificate/bound): {'every finished trial' if every else _numbers(certified)}"
+    if missing:
+        text += (
+            f"; not certified: {_numbers(missing)} of the Pareto front "
+            f"(`hsgd-tune certify {study_ref}` certifies the front, `--all` every finished trial)"
+        )
+    return text + "."
+
+
+def _numbers(trials: list[int]) -> str:
+    return ("trial " if len(trials) == 1 else "trials ") + ", ".join(map(str, trials))
 
 
 def _params(trial: FrozenTrial) -> str:
@@ -384,14 +415,16 @@ def render(ranking: Ranking, fmt: str) -> str:
             "rule": {"name": rule_name(ranking.rule), **rule, "text": rule_text(ranking.rule)},
             "recommended_trial": ranking.recommended,
             "runner_up": ranking.order[1] if len(ranking.order) > 1 else None,
+            "certified_trials": ranking.certified(),  # null: MLflow not read
             "explanation": [line.strip() for line in ranking.explain()],
             "trials": json.loads(table.to_json(orient="records")),  # NaN → null
         }
         return json.dumps(doc, indent=2) + "\n"
+    note = certified_note(table, ranking.certified() or [], ranking.name)
     if fmt == "markdown":
-        bullets = "".join(f"- {line.strip()}\n" for line in ranking.explain())
+        bullets = "".join(f"- {line.strip()}\n" for line in [*ranking.explain(), *[note] * bool(note)])
         return f"**{ranking.summary()}**\n\n{bullets}\n{markdown_table(table)}\n"
-    explanation = "".join(f"{line}\n" for line in ranking.explain())
+    explanation = "".join(f"{line}\n" for line in [*ranking.explain(), *[note] * bool(note)])
     front = table[table["pareto_rank"] == 1]
     shown = table.assign(recommended=np.where(table["recommended"], "*", ""))
     return (

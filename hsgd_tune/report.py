@@ -31,7 +31,14 @@ from hsgd_tune import report_page as rp  # noqa: E402
 from hsgd_tune.config import StudyConfig  # noqa: E402
 from hsgd_tune.correlation import granulated_kendall, kendall_tau  # noqa: E402
 from hsgd_tune.errors import ConfigError  # noqa: E402
-from hsgd_tune.ranking import CERTIFICATE, METRIC_ATTRS, Ranking, markdown_table, rule_text  # noqa: E402
+from hsgd_tune.ranking import (  # noqa: E402
+    CERTIFICATE,
+    METRIC_ATTRS,
+    Ranking,
+    certified_note,
+    markdown_table,
+    rule_text,
+)
 from hsgd_tune.tracking import Tracker  # noqa: E402
 
 HELDOUT_CERTIFICATE = "certificate/heldout_error"  # about the served weights (bound/heldout.py)
@@ -603,6 +610,8 @@ def _certificates(ranking: Ranking, records: StudyRecords) -> str:
             "<p>No trial has a certificate yet: <code>hsgd-tune certify STUDY</code> certifies the Pareto "
             "front.</p>"
         )
+    note = certified_note(ranking.table, [r["trial"] for r in rows], ranking.name)
+    note = f"<p><b>{html.escape(note)}</b></p>" if note else ""
     table = pd.DataFrame(rows)
     columns = [c for c in table.columns if c != "recommended"]
     explain = (
@@ -618,7 +627,7 @@ def _certificates(ranking: Ranking, records: StudyRecords) -> str:
         "flip's.</p>"
     )
     figure = rp.fig_html(rp.certificate_figure(table, ranking.recommended), 420)
-    return explain + rp.trials_table_html(table, records.links, columns) + figure
+    return note + explain + rp.trials_table_html(table, records.links, columns) + figure
 
 
 def _search_space(ranking: Ranking) -> str:

@@ -288,7 +288,13 @@ def end_of_run(cfg: StudyConfig, summary: RunSummary, study_file: str, tracker: 
     """What ``run`` prints last: the count, the Pareto front (recommended trial starred, columns that
     are the same for every trial left out), the recommendation, and the next commands, last."""
     from hsgd_tune.mlflow_views import study_views, ui_base
-    from hsgd_tune.ranking import rank_study, study_certificates, with_certificates, write_to_mlflow
+    from hsgd_tune.ranking import (
+        certified_note,
+        rank_study,
+        study_certificates,
+        with_certificates,
+        write_to_mlflow,
+    )
 
     study = lookup_study(cfg.run.storage, cfg.name)
     if study is None:
@@ -304,13 +310,16 @@ def end_of_run(cfg: StudyConfig, summary: RunSummary, study_file: str, tracker: 
     tracker = tracker or Tracker()
     ranking = rank_study(study, cfg.rank)
     write_to_mlflow(ranking, tracker)  # ranks and the recommendation, for the MLflow views below
-    table = with_certificates(ranking.table, study_certificates(study, tracker, cfg.experiment_name))
+    certificates = study_certificates(study, tracker, cfg.experiment_name)
+    table = with_certificates(ranking.table, certificates)
     front = table[table["pareto_rank"] == 1]
     lines += [
         "",
         f"Pareto front ({len(front)} of {len(table)} trials; ★ recommended):",
         front_table(front, cfg),
     ]
+    note = certified_note(table, certificates, study_file)  # which trials are certified, how to do the rest
+    lines += ["", note] if note else []
     lines += ["", ranking.summary(), "", "Next:"]
     activate = _activate_hint()
     if activate:
