@@ -254,7 +254,7 @@ class Posterior:
 class _Adam:
     """``torch.optim.Adam`` (default betas and ε, no weight decay) as its single-tensor path updates
     CPU tensors, operation for operation, so the posterior is bit for bit the one torch's optimiser
-    finds (tests/test_diagnostics.py), without its per-step hooks and without importing
+    finds (tests/test_certificate_equivalence.py), without its per-step hooks and without importing
     ``torch._dynamo``, which ``torch.optim`` does on first use (over a second per process)."""
 
     BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -293,6 +293,8 @@ def _linear_chain(fm: FlatModel) -> list | None:
     modules = list(model._modules.items())  # named_children() would skip a module used twice
     if len({id(m) for _, m in modules}) != len(modules):
         return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None  # functional_call would run them
     for name, module in modules:
         if type(module) is nn.Linear:
             bias = f"{name}.bias" if module.bias is not None else None

@@ -147,6 +147,9 @@ def test_only_chains_of_linear_and_unitwise_layers_are_sampled_by_their_outputs(
     shared = nn.Linear(4, 4)
     tied = FlatModel(nn.Sequential(shared, nn.ReLU(), shared), "classification")
     assert _linear_chain(tied) is None  # one weight in two layers: not independent per layer
+    hooked = mlp()
+    hooked.model[0].register_forward_hook(lambda module, args, out: out * 2)
+    assert _linear_chain(hooked) is None  # functional_call runs the hook; the direct path would not
     assert norm.chain is None  # through functional_call
 
 
