@@ -346,7 +346,9 @@ def front_table(front, cfg: StudyConfig) -> str:
     keep = [" ", "trial", *[c for c in shown.columns if c in _sampled(cfg)], *cfg.objectives]
     keep += [c for c in ("certificate",) if c in shown]
     shown = shown[keep]
-    constant = [c for c in shown.columns[2:] if shown[c].astype(str).nunique() <= 1 and len(shown) > 1]
+    # dropna=False: a certificate on some front trials only is not "the same for every trial"
+    same = [c for c in shown.columns[2:] if shown[c].astype(str).nunique(dropna=False) <= 1]
+    constant = same if len(shown) > 1 else []
     shown = shown.drop(columns=[c for c in constant if c not in cfg.objectives])
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
 
