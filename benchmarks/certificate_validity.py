@@ -111,9 +111,12 @@ def check(cfg, data, outcome, test, seed: int, i: int) -> dict:
     every = [bound.heldout_upper(float(e), n_h, delta_h / 2 / len(traj_s)) for e in measured_h]
     sigma = metrics["certificate/perturbed_sigma"]
     w_last = traj_s[-1].astype(np.float64)
-    perturbed = pointwise_draw_errors(fm, w_last, np.full(len(w_last), sigma), x, y, 1, clip, 50_000 + i)
+    # The errors of Q on T with each row's weights drawn in full (local=False): measured independently
+    # of the local reparameterisation the certificates' own Monte Carlo uses.
+    std = np.full(len(w_last), sigma)
+    perturbed = pointwise_draw_errors(fm, w_last, std, x, y, 1, clip, 50_000 + i, local=False)
     q = outcome.measured.posterior
-    pacbayes = pointwise_draw_errors(fm, q.mean, q.std, x, y, 1, clip, 90_000 + i)
+    pacbayes = pointwise_draw_errors(fm, q.mean, q.std, x, y, 1, clip, 90_000 + i, local=False)
     risk_test = float(iterate_risks(fm, traj_s[-1:], x, y, clip)[0])
     return {
         "C": metrics["bound/complexity"],

@@ -4,7 +4,10 @@ Three commands, each in a fresh empty folder (so each creates its MLflow databas
 as a new user's first run does), in turn, the order rotating from run to run:
 
 - *ours*: ``hsgd-tune run studies/quickstart.toml --quiet``: twin runs, bound, logging, and after the
-  trials the certificates of the Pareto front (``[diagnostics] trials = "front"``, the default);
+  trials the certificates of the recommended trial and the runner-up (``[diagnostics] trials =
+  "recommended"``, the default);
+- *ours, whole front certified*: the same with ``[diagnostics] trials = "front"`` (every Pareto-front
+  trial certified after the study, as ``hsgd-tune certify STUDY`` does on request);
 - *ours, no certificates*: the same study with ``[diagnostics] trials = "none"``;
 - *plain*: ``benchmarks/plain_study.py``: Optuna TPE + ``nn.Module`` + ``torch.optim.SGD`` + MLflow,
   same model, steps, search space, sampler and number of trials.
@@ -40,13 +43,14 @@ REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "studies" / "quickstart.toml"
 
 
-def study_file(folder: Path, trials: int, steps: int, certificates: bool) -> Path:
-    """The quick-start's study file with ``trials`` and ``steps`` (and no certificates if asked)."""
+def study_file(folder: Path, trials: int, steps: int, certificates: bool | str) -> Path:
+    """The quick-start's study file with ``trials`` and ``steps``; ``certificates``: False for
+    none, True for the default, or a ``[diagnostics] trials`` value."""
     doc = tomllib.loads(QUICKSTART.read_text())
     doc["run"]["n_trials"] = trials
     doc["training"]["steps"] = steps
-    if not certificates:
-        doc["diagnostics"] = {"trials": "none"}
+    if certificates is not True:
+        doc["diagnostics"] = {"trials": certificates or "none"}
     path = folder / "quickstart.toml"
     path.write_text(dumps_toml(doc))
     return path
@@ -63,7 +67,7 @@ def timed(command: list[str], cwd: Path) -> tuple[float, float]:
     return seconds, time.time()
 
 
-def run_ours(trials: int, steps: int, certificates: bool, threads: int) -> dict[str, float]:
+def run_ours(trials: int, steps: int, certificates: bool | str, threads: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as work:
         study = study_file(Path(work), trials, steps, certificates)
         command = [
@@ -118,6 +122,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     commands = {
         "ours": lambda: run_ours(trials, steps, True, args.threads),
+        "ours, whole front certified": lambda: run_ours(trials, steps, "front", args.threads),
         "ours, no certificates": lambda: run_ours(trials, steps, False, args.threads),
         "plain Optuna + MLflow": lambda: run_plain(trials, steps, args.threads),
     }
@@ -129,7 +134,7 @@ def main() -> None:
     times: dict[str, list[dict]] = {name: [] for name in commands}
     names = list(commands)
     for run in range(runs):
-        order = names[run % 3 :] + names[: run % 3]
+        order = names[run % len(names) :] + names[: run % len(names)]
         for name in order:
             times[name].append(commands[name]())
             print(f"run {run + 1} {name}: {times[name][-1]}", flush=True)

@@ -243,3 +243,79 @@ def test_rank_shows_the_certificates_computed_after_the_study(in_none, capsys):
         assert rows[n] == (pytest.approx(value, rel=1e-9) if value is not None else None)
     assert main(["rank", str(in_none), "--no-mlflow"]) == 0  # without MLflow, no such column
     assert "certificate" not in capsys.readouterr().out
+
+
+# -- the default after a study: the recommended trial and the runner-up ------------------------
+
+TWO_OBJECTIVES = STUDY.replace('minimize = ["val_loss"]', 'minimize = ["val_loss", "risk_bound"]')
+
+
+@pytest.fixture(scope="module")
+def recommended(tmp_path_factory, one_torch_thread):
+    """Two objectives, the default [diagnostics] trials (the line is left out of the file)."""
+    text = TWO_OBJECTIVES.format(trials="x").replace('trials = "x"\n', "")
+    return run_tiny(tmp_path_factory.mktemp("recommended"), "", progress=True, text=text)
+
+
+def test_by_default_the_recommended_trial_and_the_runner_up_are_certified(recommended, monkeypatch):
+    from hsgd_tune.advise.ranking import rank_study
+
+    path, done, printed = recommended
+    enter(monkeypatch, path)
+    cfg = load_study(path)
+    assert cfg.diagnostics.trials == "recommended"
+    order = rank_study(study(), cfg.rank).order
+    assert done == set(order[:2]) and len(done) == 2
+    header = "certifying the recommended trial and the runner-up after the study ([diagnostics] trials"
+    assert f'{header} = "recommended")' in printed
+    assert all(f"certificate for trial {n}: " in printed for n in order[:2])
+
+
+def expected_note(certified: list[int], study_ref: str) -> str:
+    missing = [n for n in front_trials(study()) if n not in certified]
+    text = "Certified (certificate/bound): trials " + ", ".join(map(str, sorted(certified)))
+    if missing:
+        text += (
+            f"; not certified: {'trial' if len(missing) == 1 else 'trials'} {', '.join(map(str, missing))} "
+            f"of the Pareto front (`hsgd-tune certify {study_ref}` certifies the front, `--all` every "
+            "finished trial)"
+        )
+    return text + "."
+
+
+def test_every_output_says_which_trials_are_certified_and_how_to_certify_the_rest(
+    recommended, monkeypatch, capsys
+):
+    path, done, printed = recommended
+    enter(monkeypatch, path)
+    certified = sorted(done)
+    assert main(["run", str(path), "--quiet"]) == 0  # nothing left to run: its end-of-run summary
+    out = capsys.readouterr().out.splitlines()
+    assert expected_note(certified, str(path)) in out
+    header = out[out.index(next(line for line in out if line.startswith("Pareto front ("))) + 1]
+    if set(front_trials(study())) & set(certified):  # a column, "-" on the front trials without one
+        assert header.split()[-1] == "certificate"
+    assert main(["rank", str(path)]) == 0
+    assert expected_note(certified, "tiny") in capsys.readouterr().out.splitlines()
+    assert main(["rank", str(path), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["certified_trials"] == certified
+    assert main(["report", str(path), "--out", "rep"]) == 0
+    page = next(Path("rep").glob("*.html")).read_text()
+    assert expected_note(certified, "tiny") in page  # html.escape leaves the note as it is
+
+
+def test_the_certified_note_names_the_front_trials_left_and_the_command():
+    import pandas as pd
+
+    from hsgd_tune.advise.ranking import certified_note
+
+    table = pd.DataFrame(
+        {"trial": [0, 1, 2, 3, 4], "state": ["COMPLETE"] * 4 + ["FAIL"], "pareto_rank": [1, 1, 1, 2, 1]}
+    )
+    assert certified_note(table, [], "s.toml") is None  # none yet: the recommendation's line says so
+    assert certified_note(table, [1, 0], "s.toml") == (
+        "Certified (certificate/bound): trials 0, 1; not certified: trial 2 of the Pareto front "
+        "(`hsgd-tune certify s.toml` certifies the front, `--all` every finished trial)."
+    )
+    assert certified_note(table, [0, 1, 2], "s.toml") == "Certified (certificate/bound): trials 0, 1, 2."
+    assert certified_note(table, [0, 1, 2, 3], "s") == "Certified (certificate/bound): every finished trial."

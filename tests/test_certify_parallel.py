@@ -1,5 +1,5 @@
-"""Certificates computed side by side in worker processes (issue #17) are bit for bit the ones a
-sequential certify logs: same code, same recorded arrays, one torch thread each."""
+"""Certificates computed side by side in threads (issue #17) are bit for bit the ones a sequential
+certify logs: same code, same recorded arrays, one torch thread each."""
 
 from __future__ import annotations
 
@@ -60,8 +60,34 @@ def test_parallel_certificates_equal_sequential_ones_bit_for_bit(tmp_path, monke
 
 
 @pytest.mark.parametrize(
-    "cores, trials, expected", [(2, PARALLEL_FROM, 2), (2, PARALLEL_FROM - 1, 1), (1, 12, 1), (16, 5, 5)]
+    "cores, load, trials, expected",
+    [
+        (2, 0.9, PARALLEL_FROM, 2),  # after a one-thread study on a quiet machine: its own load
+        (2, 0.9, PARALLEL_FROM - 1, 1),  # one trial: nothing to share
+        (2, 2.5, 12, 1),  # another job keeps a core busy
+        (1, 0.0, 12, 1),
+        (16, 1.0, 5, 5),  # at most one thread per trial
+        (16, 9.0, 20, 8),
+    ],
 )
-def test_parallel_workers_only_where_worth_their_start(cores, trials, expected, monkeypatch):
-    monkeypatch.setattr("hsgd_tune.search.certification.default_threads", lambda: cores)  # idle cores
+def test_parallel_workers_only_on_idle_cores(cores, load, trials, expected, monkeypatch):
+    monkeypatch.setattr("hsgd_tune.search.certification.available_cores", lambda: cores)
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
     assert parallel_workers(trials) == expected
+
+
+def test_once_stopped_parallel_certificates_start_no_trial(tmp_path, monkeypatch):
+    """A stop set before the threads pick up their trials: none computes, none is logged."""
+    import threading
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_study(write_tiny_study(tmp_path, STUDY))
+    run_study(cfg, progress=False)
+    study = optuna.load_study(study_name="tiny", storage=open_storage(None))
+    numbers = complete_trials(study)
+    stop = threading.Event()
+    stop.set()
+    assert certify(study, cfg, Tracker(), numbers, stop=stop, workers=2) == []
+    runs = [Tracker().client.get_run(study.trials[n].user_attrs["mlflow_run_id"]) for n in numbers]
+    assert not any("certificate/bound" in run.data.metrics for run in runs)

@@ -516,7 +516,7 @@ def test_entry_point_that_cannot_be_used_fails_at_load(workdir, attr, module_tex
     assert rule in str(info.value) and str(info.value).startswith(f"{path}: ")
 
 
-def test_diagnostics_trials_default_front_and_certificate_objective_forces_every_trial(tmp_path):
+def test_diagnostics_trials_default_recommended_and_certificate_objective_forces_every_trial(tmp_path):
     base = {
         "name": "d",
         "data": {"source": "digits", "n_train": 100, "n_val": 50},
@@ -524,10 +524,11 @@ def test_diagnostics_trials_default_front_and_certificate_objective_forces_every
         "search": {"learning_rate": {"low": 0.01, "high": 0.1}, "batch_size": {"choices": [16]}},
     }
     cfg = parse_study(base, tmp_path)
-    assert cfg.diagnostics.trials == "front" and not cfg.diagnose_every_trial
+    assert cfg.diagnostics.trials == "recommended" and not cfg.diagnose_every_trial
     assert parse_study({**base, "diagnostics": {"trials": "all"}}, tmp_path).diagnose_every_trial
+    assert not parse_study({**base, "diagnostics": {"trials": "front"}}, tmp_path).diagnose_every_trial
     forced = parse_study({**base, "objectives": {"minimize": ["val_loss", "certificate"]}}, tmp_path)
-    assert forced.diagnostics.trials == "front" and forced.diagnose_every_trial
+    assert forced.diagnostics.trials == "recommended" and forced.diagnose_every_trial
     # Which trials are diagnosed changes no objective: a study may switch it between resumes.
     assert (
         parse_study({**base, "diagnostics": {"trials": "none"}}, tmp_path).fingerprint() == cfg.fingerprint()

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from tiny_study import TINY_STUDY, run_tiny_study, write_tiny_study
 
-from hsgd_tune.advise.ranking import METRIC_ATTRS, recommend
+from hsgd_tune.advise.ranking import recommend
 from hsgd_tune.cli.main import main
 from hsgd_tune.errors import ConfigError
+from hsgd_tune.search.trials import METRIC_ATTRS
 from hsgd_tune.studyfile.config import load_study
 from hsgd_tune.track.tracker import Tracker
 

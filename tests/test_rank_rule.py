@@ -11,8 +11,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from tiny_study import TINY_STUDY, write_tiny_study
 
-from hsgd_tune.advise.ranking import rank_study, render, rule_name, rule_order, rule_text
+from hsgd_tune.advise.ranking import rank_study, render, rule_name, rule_text
 from hsgd_tune.errors import ConfigError
+from hsgd_tune.search.trials import rule_order
 from hsgd_tune.studyfile.config import RankConfig, load_study
 
 

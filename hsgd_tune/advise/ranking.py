@@ -14,12 +14,19 @@ import numpy as np
 import optuna
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from hsgd_tune.errors import ConfigError, HsgdError
 from hsgd_tune.search.storage import storage_description
 from hsgd_tune.search.study import lookup_study
-from hsgd_tune.search.trials import CERTIFICATE, finished_trial, trials_table
+from hsgd_tune.search.trials import (
+    CERTIFICATE,
+    ESTIMATE_TEXT,
+    METRIC_ATTRS,
+    finished_trial,
+    ranked_table,
+    rule_order,
+)
 from hsgd_tune.studyfile.config import RankConfig, StudyConfig, check_standard_errors, load_study
 from hsgd_tune.studyfile.export import config_from_dict
 from hsgd_tune.track.tracker import Tracker
@@ -64,61 +71,12 @@ def format_table(table: pd.DataFrame) -> str:
 # The recommendation: one trial, by a documented rule ([rank] in the study file, or the CLI)
 # ---------------------------------------------------------------------------------------------
 
-#: Objective name → the trial user attribute that holds it for every completed trial, so the rule
-#: may use a metric that is not one of the study's objectives.
-METRIC_ATTRS = {
-    "val_loss": "val/loss",
-    "val_error": "val/error",
-    "train_loss": "train/loss",
-    "risk_bound": "bound/risk_bound",
-    "gap_bound": "bound/gap_bound",
-    "decoupling_distance": "bound/decoupling_distance",
-    "heldout_loss": "heldout/loss",
-    "crossfit_loss": "crossfit/loss",
-}
-
-#: What each estimate is, for the explanation; each has a standard error in ``<attr>_se``.
-ESTIMATE_TEXT = {
-    "val_loss": "the S-model's loss on V",
-    "heldout_loss": "the S-model's loss on H",
-    "crossfit_loss": "mean of the S-model's loss on H and the H-model's on S",
-}
-
 #: Certificates a trial may carry (user attributes or MLflow metrics), shown with the recommendation.
 CERTIFICATES = {
     "certificate/heldout_error": "held-out error bound of the S-model",
     "certificate/perturbed_bound": "perturbed-dynamics certificate",
     CERTIFICATE: "PAC-Bayes certificate of the stochastic predictor Q",
 }
-
-
-def rule_order(
-    within: np.ndarray,
-    prefer: np.ndarray,
-    tolerance: float,
-    within_se: np.ndarray | None = None,
-    standard_errors: float = 0.0,
-) -> tuple[np.ndarray, float]:
-    """Positions of the trials in the rule's order, and the band's upper edge on ``within``.
-
-    The band: ``best + tolerance·|best| + standard_errors·SE(best)``, best = the smallest ``within``
-    (n,), SE(best) its ``within_se`` (n,). Trials in the band come first, by smallest ``prefer`` (n,),
-    then ``within``, then position; the others follow by ``within``, then ``prefer``, then position.
-    Trials with a NaN in ``within`` or ``prefer`` (unfinished) are left out.
-    """
-    within, prefer = np.asarray(within, dtype=float), np.asarray(prefer, dtype=float)
-    finite = np.flatnonzero(np.isfinite(within) & np.isfinite(prefer))
-    if not len(finite):
-        return finite, math.nan
-    best = finite[np.argmin(within[finite])]
-    se = 0.0 if within_se is None or not standard_errors else float(within_se[best])
-    band = within[best] + tolerance * abs(within[best]) + standard_errors * (se if math.isfinite(se) else 0.0)
-    inside = finite[within[finite] <= band]
-    outside = finite[within[finite] > band]
-    # lexsort sorts by the last key first.
-    first = inside[np.lexsort((inside, within[inside], prefer[inside]))]
-    rest = outside[np.lexsort((outside, prefer[outside], within[outside]))]
-    return np.concatenate([first, rest]), float(band)
 
 
 def recommend(within: np.ndarray, prefer: np.ndarray, tolerance: float, **se) -> int | None:
@@ -208,6 +166,12 @@ class Ranking:
     def _banded(self) -> bool:
         return bool(self.rule.tolerance or self.rule.standard_errors)
 
+    def certified(self) -> list[int] | None:
+        """The finished trials that have their PAC-Bayes certificate; None when MLflow was not read."""
+        if self.certificates is None:
+            return None
+        return sorted(n for n in self.order if CERTIFICATE in self.certificates_of(n))
+
     def certificates_of(self, number: int) -> dict[str, float]:
         attrs = self.trial(number).user_attrs
         found = {k: float(attrs[k]) for k in CERTIFICATES if k in attrs}
@@ -248,6 +212,31 @@ class Ranking:
         return f"{head}: larger by {diff:.2g}{noise}"
 
 
+def certified_note(table: pd.DataFrame, certified, study_ref: str) -> str | None:
+    """One plain line: which finished trials have their PAC-Bayes certificate (``certificate/bound``)
+    and, when trials of the Pareto front lack it, the command that certifies them (after a study only
+    the recommended trial and the runner-up are, by default); None when no trial has one (the
+    recommendation's ``certificates`` line then says how to compute them)."""
+    certified = sorted({int(n) for n in certified})
+    if not certified or table.empty:
+        return None
+    complete = table[table["state"] == TrialState.COMPLETE.name]
+    front = sorted(int(n) for n in complete.loc[complete["pareto_rank"] == 1, "trial"])
+    missing = [n for n in front if n not in certified]
+    every = len(certified) == len(complete) and len(complete) > 2
+    text = f"Certified (certificate/bound): {'every finished trial' if every else _numbers(certified)}"
+    if missing:
+        text += (
+            f"; not certified: {_numbers(missing)} of the Pareto front "
+            f"(`hsgd-tune certify {study_ref}` certifies the front, `--all` every finished trial)"
+        )
+    return text + "."
+
+
+def _numbers(trials: list[int]) -> str:
+    return ("trial " if len(trials) == 1 else "trials ") + ", ".join(map(str, trials))
+
+
 def _params(trial: FrozenTrial) -> str:
     return ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
 
@@ -261,27 +250,7 @@ def rank_study(study: optuna.Study, rule: RankConfig) -> Ranking:
 
     Raises HsgdError when the study has no finished trial: there is nothing to recommend.
     """
-    table = trials_table(study)
-    if table.empty or not (table["state"] == "COMPLETE").any():
-        raise HsgdError(f"study {study.study_name!r} has no finished trials yet; run it first")
-    attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
-    for key, name in (("within", rule.within), ("prefer", rule.prefer)):
-        if name not in table and name not in METRIC_ATTRS:  # e.g. certificate, when not an objective
-            known = sorted({*study.user_attrs.get("objectives", []), *METRIC_ATTRS})
-            raise ConfigError(f"--{key} (or rank.{key})", f"must be one of {', '.join(known)}", name)
-    for name in (rule.within, rule.prefer):
-        if name not in table:
-            table[name] = [attrs[n].get(METRIC_ATTRS[name], np.nan) for n in table["trial"]]
-    complete = (table["state"] == "COMPLETE").to_numpy()
-    within = np.where(complete, table[rule.within].to_numpy(dtype=float), np.nan)
-    se = None
-    if rule.within in ESTIMATE_TEXT:
-        key = f"{METRIC_ATTRS[rule.within]}_se"
-        se = np.array([attrs[n].get(key, np.nan) for n in table["trial"]], dtype=float)
-    positions, band = rule_order(
-        within, table[rule.prefer].to_numpy(dtype=float), rule.tolerance, se, rule.standard_errors
-    )
-    order = [int(table["trial"].iloc[i]) for i in positions]
+    table, order, band = ranked_table(study, rule)
     recommended = order[0] if order else None
     table["recommended"] = table["trial"] == recommended
     return Ranking(study, table, rule, recommended, order, band)
@@ -306,14 +275,16 @@ def render(ranking: Ranking, fmt: str) -> str:
             "rule": {"name": rule_name(ranking.rule), **rule, "text": rule_text(ranking.rule)},
             "recommended_trial": ranking.recommended,
             "runner_up": ranking.order[1] if len(ranking.order) > 1 else None,
+            "certified_trials": ranking.certified(),  # null: MLflow not read
             "explanation": [line.strip() for line in ranking.explain()],
             "trials": json.loads(table.to_json(orient="records")),  # NaN → null
         }
         return json.dumps(doc, indent=2) + "\n"
+    note = certified_note(table, ranking.certified() or [], ranking.name)
     if fmt == "markdown":
-        bullets = "".join(f"- {line.strip()}\n" for line in ranking.explain())
+        bullets = "".join(f"- {line.strip()}\n" for line in [*ranking.explain(), *[note] * bool(note)])
         return f"**{ranking.summary()}**\n\n{bullets}\n{markdown_table(table)}\n"
-    explanation = "".join(f"{line}\n" for line in ranking.explain())
+    explanation = "".join(f"{line}\n" for line in [*ranking.explain(), *[note] * bool(note)])
     front = table[table["pareto_rank"] == 1]
     shown = table.assign(recommended=np.where(table["recommended"], "*", ""))
     return (

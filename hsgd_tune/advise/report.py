@@ -29,9 +29,12 @@ import pandas as pd  # noqa: E402
 
 from hsgd_tune.advise import report_page as rp  # noqa: E402
 from hsgd_tune.advise.correlation import granulated_kendall, kendall_tau  # noqa: E402
-from hsgd_tune.advise.ranking import METRIC_ATTRS, Ranking, markdown_table, rule_text
+from hsgd_tune.advise.ranking import Ranking, certified_note, markdown_table, rule_text
 from hsgd_tune.errors import ConfigError  # noqa: E402
-from hsgd_tune.search.trials import CERTIFICATE  # noqa: E402
+from hsgd_tune.search.trials import (
+    CERTIFICATE,  # noqa: E402
+    METRIC_ATTRS,
+)
 from hsgd_tune.studyfile.config import StudyConfig  # noqa: E402
 from hsgd_tune.track.tracker import Tracker  # noqa: E402
 
@@ -604,6 +607,8 @@ def _certificates(ranking: Ranking, records: StudyRecords) -> str:
             "<p>No trial has a certificate yet: <code>hsgd-tune certify STUDY</code> certifies the Pareto "
             "front.</p>"
         )
+    note = certified_note(ranking.table, [r["trial"] for r in rows], ranking.name)
+    note = f"<p><b>{html.escape(note)}</b></p>" if note else ""
     table = pd.DataFrame(rows)
     columns = [c for c in table.columns if c != "recommended"]
     explain = (
@@ -619,7 +624,7 @@ def _certificates(ranking: Ranking, records: StudyRecords) -> str:
         "flip's.</p>"
     )
     figure = rp.fig_html(rp.certificate_figure(table, ranking.recommended), 420)
-    return explain + rp.trials_table_html(table, records.links, columns) + figure
+    return note + explain + rp.trials_table_html(table, records.links, columns) + figure
 
 
 def _search_space(ranking: Ranking) -> str:

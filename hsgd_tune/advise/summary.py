@@ -7,7 +7,13 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from hsgd_tune.advise.ranking import rank_study, study_certificates, with_certificates, write_to_mlflow
+from hsgd_tune.advise.ranking import (
+    certified_note,
+    rank_study,
+    study_certificates,
+    with_certificates,
+    write_to_mlflow,
+)
 from hsgd_tune.errors import HsgdError
 from hsgd_tune.search.runner import RunSummary
 from hsgd_tune.search.storage import storage_description
@@ -34,13 +40,16 @@ def end_of_run(cfg: StudyConfig, summary: RunSummary, study_file: str, tracker: 
     tracker = tracker or Tracker()
     ranking = rank_study(study, cfg.rank)
     write_to_mlflow(ranking, tracker)  # ranks and the recommendation, for the MLflow views below
-    table = with_certificates(ranking.table, study_certificates(study, tracker, cfg.experiment_name))
+    certificates = study_certificates(study, tracker, cfg.experiment_name)
+    table = with_certificates(ranking.table, certificates)
     front = table[table["pareto_rank"] == 1]
     lines += [
         "",
         f"Pareto front ({len(front)} of {len(table)} trials; ★ recommended):",
         front_table(front, cfg),
     ]
+    note = certified_note(table, certificates, study_file)  # which trials are certified, how to do the rest
+    lines += ["", note] if note else []
     lines += ["", ranking.summary(), "", "Next:"]
     activate = _activate_hint()
     if activate:
@@ -66,7 +75,9 @@ def front_table(front, cfg: StudyConfig) -> str:
     keep = [" ", "trial", *[c for c in shown.columns if c in _sampled(cfg)], *cfg.objectives]
     keep += [c for c in ("certificate",) if c in shown]
     shown = shown[keep]
-    constant = [c for c in shown.columns[2:] if shown[c].astype(str).nunique() <= 1 and len(shown) > 1]
+    # dropna=False: a certificate on some front trials only is not "the same for every trial"
+    same = [c for c in shown.columns[2:] if shown[c].astype(str).nunique(dropna=False) <= 1]
+    constant = same if len(shown) > 1 else []
     shown = shown.drop(columns=[c for c in constant if c not in cfg.objectives])
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn import functional as F
 
 from hsgd_tune import bound
 from hsgd_tune.train.twin import (
@@ -63,6 +64,7 @@ class FlatModel:
         self.names = [name for name, _ in model.named_parameters()]
         self.shapes = [p.shape for p in model.parameters()]
         self.sizes = [p.numel() for p in model.parameters()]
+        self.chain = _linear_chain(self)  # a chain of Linear and unit-wise layers, or None
 
     @property
     def n_params(self) -> int:
@@ -76,7 +78,12 @@ class FlatModel:
         return {n: c.view(s) for n, c, s in zip(self.names, flat.split(self.sizes), self.shapes, strict=True)}
 
     def forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(p,) weights, (n, d) inputs → (n, k) outputs."""
+        """(p,) weights, (n, d) inputs → (n, k) outputs. A chain of Linear and unit-wise layers (the
+        built-in MLP and linear models) by the same ``F.linear`` calls its modules make (the same
+        numbers and gradients, tests/test_certificate_equivalence.py) without ``functional_call``'s
+        set-up on every call; any other model through ``functional_call``."""
+        if self.chain is not None:
+            return _chain_forward(self.chain, self.params(flat), x)
         return functional_call(self.model, self.params(flat), (x,))
 
     def forward_many(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -305,6 +312,73 @@ class Posterior:
         return bound.gaussian_kl(self.mean, self.std**2, self.prior_mean, self.prior_std**2)
 
 
+class _Adam:
+    """``torch.optim.Adam`` (default betas and ε, no weight decay) as its single-tensor path updates
+    CPU tensors, operation for operation, so the posterior is bit for bit the one torch's optimiser
+    finds (tests/test_certificate_equivalence.py), without its per-step hooks and without importing
+    ``torch._dynamo``, which ``torch.optim`` does on first use (over a second per process)."""
+
+    BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+    def __init__(self, groups: list[tuple[torch.Tensor, float]]):
+        self.groups = [
+            (p, lr, torch.zeros_like(p, memory_format=torch.preserve_format), torch.zeros_like(p))
+            for p, lr in groups
+        ]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grads: tuple[torch.Tensor, ...]) -> None:
+        self.steps += 1
+        b1, b2, step = self.BETA1, self.BETA2, float(self.steps)
+        bias_correction1, bias_correction2 = 1 - b1**step, 1 - b2**step
+        for (param, lr, exp_avg, exp_avg_sq), grad in zip(self.groups, grads, strict=True):
+            exp_avg.lerp_(grad, 1 - b1)
+            exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(self.EPS)
+            param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+#: Parameter-free layers that act on each unit of each row on its own.
+_UNITWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Softplus, nn.Identity)
+
+
+def _linear_chain(fm: FlatModel) -> list | None:
+    """The model as a list of ``(weight name, bias name or None)`` for each ``nn.Linear`` and the
+    unit-wise modules between them, when it is an ``nn.Sequential`` of only those (the built-in MLP
+    and linear models) whose Linear layers hold every parameter; None for any other model."""
+    model = fm.model
+    if type(model) is not nn.Sequential:
+        return None
+    chain, covered = [], set()
+    modules = list(model._modules.items())  # named_children() would skip a module used twice
+    if len({id(m) for _, m in modules}) != len(modules):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None  # functional_call would run them
+    for name, module in modules:
+        if type(module) is nn.Linear:
+            bias = f"{name}.bias" if module.bias is not None else None
+            chain.append((f"{name}.weight", bias))
+            covered |= {f"{name}.weight", bias} - {None}
+        elif type(module) in _UNITWISE:
+            chain.append(module)
+        else:
+            return None
+    return chain if covered == set(fm.names) and len(fm.names) == len(covered) else None
+
+
+def _chain_forward(chain: list, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A :func:`_linear_chain` model at weights ``params`` (name → tensor): its modules' own calls."""
+    h = x
+    for layer in chain:
+        if isinstance(layer, tuple):
+            h = F.linear(h, params[layer[0]], params[layer[1]] if layer[1] else None)
+        else:
+            h = layer(h)
+    return h
+
+
 def _kl_torch(mean, var_q, prior_mean, var_p):
     ratio = var_q / var_p
     return 0.5 * ((ratio - 1.0 - torch.log(ratio)).sum() + (mean - prior_mean).pow(2).sum() / var_p)
@@ -348,7 +422,7 @@ def fit_posterior(
     groups = fm.group_index() if kind == "layer" else torch.arange(p)
     start = max(float(torch.linalg.vector_norm(mean.detach() - prior_mean)) / math.sqrt(p), 1e-4)
     log_std = torch.full((int(groups.max()) + 1,), math.log(start), requires_grad=True)
-    optimiser = torch.optim.Adam([{"params": [mean], "lr": MEAN_LR}, {"params": [log_std], "lr": 0.05}])
+    optimiser = _Adam([(mean, MEAN_LR), (log_std, 0.05)])
     confidence = math.log(2.0 * math.sqrt(n) / delta)
     best = (math.inf, mean.detach().clone(), log_std.detach().clone())
     for step in range(steps + 1):
@@ -370,9 +444,7 @@ def fit_posterior(
         err = _soft_error(fm.forward(draw, x[idx]), y[idx], fm.task, loss_clip).mean()
         c = (kl + confidence) / n
         relaxed = (torch.sqrt(err + c / 2) + torch.sqrt(c / 2)) ** 2
-        optimiser.zero_grad()
-        relaxed.backward()
-        optimiser.step()
+        optimiser.step(torch.autograd.grad(relaxed, (mean, log_std)))
     mean_np = best[1].numpy().astype(np.float64)
     std_np = torch.exp(best[2])[groups].numpy().astype(np.float64)
     kls = [bound.gaussian_kl(mean_np, std_np**2, w_h, s**2) for s in PRIOR_STD_GRID]
@@ -419,16 +491,34 @@ def pointwise_draw_errors(
     loss_clip: float = 5.0,
     seed: int = 0,
     chunk: int = 2000,
+    local: bool = True,
 ) -> np.ndarray:
     """(n, draws) errors, each (example, draw) pair with its *own* independent weights ``w ~ Q``.
 
     All n·draws terms are independent given S, with mean ``ê_Q``; Hoeffding's (1963, Thm 1) kl form
     then bounds ê_Q with n·draws in place of the number of draws (:func:`bound.mc_error_upper`), far
     tighter than re-using one draw on all of S at the same cost in random numbers.
+
+    For a chain of ``nn.Linear`` and unit-wise layers (:func:`_linear_chain`: the built-in MLP and
+    linear models) the weights are not drawn: each pair's network output is drawn from exactly its
+    distribution under its own weights (:func:`_sampled_outputs`, the local reparameterisation of
+    Kingma et al. 2015), with a few random numbers per hidden unit instead of one per weight. Any
+    other model (and ``local=False``) draws the (n·draws, p) weights themselves. The terms have the
+    same law either way, so the statement and its Monte-Carlo correction are unchanged.
     """
     gen = torch.Generator().manual_seed(seed)
     mean_t = torch.as_tensor(mean, dtype=torch.float32)
     std_t = torch.as_tensor(std, dtype=torch.float32)
+    chain = fm.chain if local else None
+    if chain is not None:
+        mean_p, var_p = fm.params(mean_t), fm.params(std_t * std_t)
+        xs, ys = x.repeat_interleave(draws, dim=0), y.repeat_interleave(draws, dim=0)
+        with torch.no_grad():
+            errors = [
+                _bounded_error(_sampled_outputs(chain, mean_p, var_p, xb, gen), yb, fm.task, loss_clip)
+                for xb, yb in zip(xs.split(chunk), ys.split(chunk), strict=True)
+            ]
+        return torch.cat(errors).double().numpy().reshape(len(y), draws)
     xs = x.repeat_interleave(draws, dim=0).unsqueeze(1)  # (n·draws, 1, d)
     ys = y.repeat_interleave(draws, dim=0).unsqueeze(1)  # (n·draws, 1)
     errors = []
@@ -439,6 +529,25 @@ def pointwise_draw_errors(
             out = vmap(fm.forward)(weights, xb)  # (chunk, 1, outputs)
             errors.append(_bounded_error(out, yb, fm.task, loss_clip)[:, 0])
     return torch.cat(errors).double().numpy().reshape(len(y), draws)
+
+
+def _sampled_outputs(chain: list, mean: dict, var: dict, x: torch.Tensor, gen: torch.Generator):
+    """(rows, k) outputs of a :func:`_linear_chain` model at the rows of x, each row under its own
+    weights drawn from ``N(mean, diag var)``, without drawing them. Given its input h (a function of
+    the earlier layers' weights only), a Linear layer's output with weights ``W ~ N(M, diag S²)`` and
+    bias ``b ~ N(m, diag s²)``, independent of those, is Gaussian with mean ``M h + m``, variance
+    ``S² h² + s²`` and independent units (each unit has its own row of W): that is what is drawn, layer
+    by layer, so each row's output has exactly the law it has under its own weight draw."""
+    h = x
+    for layer in chain:
+        if isinstance(layer, tuple):
+            weight, bias = layer
+            loc = F.linear(h, mean[weight], mean[bias] if bias else None)
+            scale = F.linear(h * h, var[weight], var[bias] if bias else None).sqrt_()
+            h = loc + scale * torch.randn(loc.shape, generator=gen)
+        else:
+            h = layer(h)
+    return h
 
 
 def draw_errors(

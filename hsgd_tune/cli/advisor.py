@@ -33,8 +33,9 @@ correlation between the bound and the generalization gap; logged to the study's 
 CERTIFY_HELP = """\
 Compute the PAC-Bayes certificate (and the tail-index and analytic diagnostics) of finished trials
 from what they recorded (trajectories.npz and model/ in their MLflow runs), log it to their runs and
-print it. By default a study certifies its Pareto front when its trials are done ([diagnostics]
-trials = "front"); this command certifies other trials too (default: the Pareto front). What is
+print it. By default a study certifies its recommended trial and the runner-up when its trials are
+done ([diagnostics] trials = "recommended"; "front": the whole Pareto front); this command certifies
+other trials too (default: the Pareto front). What is
 certified: certificate/bound bounds the expected error (0-1, or the clipped loss over B) of the
 stochastic predictor Q, weights drawn from N(μ, diag s²), not of the final weights; a PAC-Bayes-kl
 bound with a prior built from the reference run only; and the perturbed-dynamics certificate

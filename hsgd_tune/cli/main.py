@@ -26,8 +26,9 @@ RUN_HELP = """\
 Run a study until it has the study file's number of finished trials ([run] n_trials). Rerunning the
 same command resumes the study: finished trials are kept, and a trial whose process died is re-run.
 The study file, data and model are checked before anything is created. When the trials are done,
-the Pareto-front trials get their PAC-Bayes certificate ([diagnostics] trials = "front", the
-default; "all" computes it inside every trial, at several times the cost of training)."""
+the recommended trial and the runner-up get their PAC-Bayes certificate ([diagnostics] trials =
+"recommended", the default; "front": the whole Pareto front; "all" computes it inside every trial, at
+several times the cost of training); `hsgd-tune certify STUDY` certifies the rest of the front."""
 
 
 class _Parser(argparse.ArgumentParser):

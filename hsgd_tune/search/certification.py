@@ -1,9 +1,10 @@
 """Certificates after the study: the PAC-Bayes certificate (and the diagnostics) of finished trials,
 computed from what each trial recorded instead of inside the trial.
 
-By default (``[diagnostics] trials = "front"``) trials skip the certificate, which costs several times
-the training; when the study ends, the trials on its Pareto front are certified here, and so is any
-trial that ``hsgd-tune pick`` chooses or ``hsgd-tune certify`` names. The result is the same number the
+By default (``[diagnostics] trials = "recommended"``) trials skip the certificate, which costs more
+than the training; when the study ends, the recommended trial and the runner-up are certified here
+(``trials = "front"``: the whole Pareto front), and so is any trial that ``hsgd-tune pick`` chooses
+or ``hsgd-tune certify`` names (by default: the Pareto front). The result is the same number the
 trial would have logged: the trial's ``trajectories.npz`` holds both trajectories exactly as trained
 (float32, as in memory), its ``model/`` the S-run's final model, and everything random in
 :func:`hsgd_tune.certify.diagnostics.measure` is seeded by the study seed.
@@ -48,8 +49,8 @@ from hsgd_tune.search.objective import DELTA_SPLIT, train_settings, trial_bound
 from hsgd_tune.search.prepare import prepare
 from hsgd_tune.search.storage import StudyLock
 from hsgd_tune.search.study import check_union_over_grid
-from hsgd_tune.search.trials import CERTIFICATE, finished_trial, trials_table
-from hsgd_tune.search.worker import default_threads
+from hsgd_tune.search.trials import CERTIFICATE, finished_trial, ranked_table, trials_table
+from hsgd_tune.search.worker import available_cores
 from hsgd_tune.studyfile import grid
 from hsgd_tune.studyfile.config import StudyConfig
 from hsgd_tune.track.tracker import Tracker
@@ -159,13 +160,35 @@ def certify(
     :class:`~hsgd_tune.search.storage.StudyLock`) is held around each trial's check-compute-log, so several
     processes certifying the same study compute each trial once. ``on_trial`` sees each trial
     computed now (not those found done). Once ``stop`` is set, no further trial starts.
-    ``workers``: processes computing certificates side by side (default: :func:`parallel_workers`).
+    ``workers``: threads computing certificates side by side (default: :func:`parallel_workers`).
     """
     _check_same_study(cfg, study)
     trials = [certifiable(study, n) for n in dict.fromkeys(numbers)]
     workers = parallel_workers(len(trials)) if workers is None else workers
-    if workers > 1:
-        return _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, workers)
+    with _one_blas_thread():
+        if workers > 1:
+            return _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, workers)
+        return _certify_in_turn(cfg, tracker, trials, data, on_trial, lock, stop)
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """NumPy's BLAS on one thread while certifying (the trajectory bound's nearest-point products),
+    as torch is: its default of one thread per core spins against whatever else runs, and made the
+    bound several times slower on a shared machine. The numbers do not change (the products only
+    shortlist nearest points, whose distances are then computed directly; tests/test_certify.py
+    compares the certificates with those computed inside the trials)."""
+    try:
+        from threadpoolctl import threadpool_limits  # with scikit-learn, which mlflow brings
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _certify_in_turn(cfg, tracker, trials, data, on_trial, lock, stop) -> list[Certified]:
+    """:func:`certify` one trial after the other in this thread, ``lock`` held around each."""
     results = []
     for trial in trials:
         if stop is not None and stop.is_set():
@@ -185,26 +208,34 @@ def certify(
     return results
 
 
-#: Fewest trials to certify for which worker processes pay for their start (importing torch, ~1–2 s)
-#: at about 0.9 s per quick-start certificate (benchmarks/study.py).
-PARALLEL_FROM = 4
+#: Fewest trials to certify side by side: threads start at no cost, but one trial is one thread.
+PARALLEL_FROM = 2
 
 
 def parallel_workers(n_trials: int) -> int:
-    """Processes to certify ``n_trials`` with: this process's idle cores (worker.default_threads), at
-    most one per trial; 1 (here, no pool) below :data:`PARALLEL_FROM` trials or with one idle core."""
-    workers = min(default_threads(), n_trials)
+    """Threads to certify ``n_trials`` with: the cores that nothing else keeps busy, at most one per
+    trial; 1 (this thread alone) on a busy machine. The 1-minute load average counts this process's
+    own trials too (up to one core: one torch thread each), which the certificates now take over."""
+    cores = available_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        load = 0.0
+    idle = int(cores - max(0.0, load - 1.0))
+    workers = min(idle, n_trials)
     return workers if n_trials >= PARALLEL_FROM and workers > 1 else 1
 
 
 def _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, workers):
-    """:func:`certify` with :func:`certify_trial` run for the pending trials in ``workers`` spawned
-    processes, each logging its trial to MLflow itself. Each runs the same code on the same recorded
-    arrays with one torch thread (``measure`` sets it), so every number is bit for bit the one a
-    sequential :func:`certify` logs. ``lock`` is held over the whole batch (not per trial), so a
-    concurrent certifier still computes no trial twice; ``on_trial`` sees the trials in order."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """:func:`certify` with the pending trials computed by ``workers`` threads of this process, side
+    by side (torch releases the GIL in its kernels; a thread starts at no cost, where a process pays
+    seconds of imports). Each trial runs the same code on the same recorded arrays with one torch
+    thread (set here for the whole batch, as every trial's random numbers come from its own seeded
+    generators), so every number is bit for bit the one a sequential :func:`certify` logs. This
+    thread logs the results, in trial order, and ``on_trial`` sees them in that order; ``lock`` is
+    held over the whole batch (not per trial), so a concurrent certifier still computes no trial
+    twice. Once ``stop`` is set no further trial starts; those already running finish and are logged."""
+    from concurrent.futures import ThreadPoolExecutor
 
     results: dict[int, Certified] = {}
     with lock() if lock is not None else contextlib.nullcontext():
@@ -217,24 +248,28 @@ def _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, worke
                 pending.append((trial, run.data.metrics))
         if pending and data is None:
             data = prepare(cfg)
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
-        with ProcessPoolExecutor(min(workers, max(1, len(pending))), mp_context=context) as pool:
-            futures = [
-                (t, pool.submit(_certify_in_worker, cfg, data, tracker.uri, t, metrics))
-                for t, metrics in pending
-            ]
+
+        def compute(trial, run_metrics):
+            if stop is not None and stop.is_set():
+                return None
+            return _compute(cfg, data, tracker, trial, run_metrics)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one for all: measure()'s own set-and-restore would race across threads
+        pool = ThreadPoolExecutor(min(workers, max(1, len(pending))), thread_name_prefix="hsgd-certify")
+        try:
+            futures = [(t, pool.submit(compute, t, metrics)) for t, metrics in pending]
             for trial, future in futures:
-                if stop is not None and stop.is_set():
-                    pool.shutdown(cancel_futures=True)  # trials already running still finish
-                    break
-                results[trial.number] = future.result()
+                computed = future.result()
+                if computed is None:
+                    continue
+                results[trial.number] = _log(tracker, *computed)
                 if on_trial is not None:
                     on_trial(results[trial.number])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
     return [results[t.number] for t in trials if t.number in results]
-
-
-def _certify_in_worker(cfg, data, uri: str, trial, run_metrics) -> Certified:
-    return certify_trial(cfg, data, Tracker(uri), trial, run_metrics)
 
 
 def recorded(study: optuna.Study, tracker: Tracker, number: int) -> Certified | None:
@@ -291,6 +326,11 @@ def certify_trial(
 ) -> Certified:
     """Rebuild trial ``trial`` from its artifacts, run :func:`measure` on it as the trial would have,
     and log the result to its (finished) MLflow run at the trial's last step."""
+    return _log(tracker, *_compute(cfg, data, tracker, trial, run_metrics))
+
+
+def _compute(cfg, data, tracker, trial, run_metrics) -> tuple[int, str, dict, dict, int]:
+    """:func:`certify_trial` up to the logging: (trial, run id, metrics, tags, step)."""
     run_id = trial.user_attrs["mlflow_run_id"]
     settings = train_settings(cfg, trial.params)
     with tempfile.TemporaryDirectory(prefix="hsgd-certify-") as tmp:
@@ -304,8 +344,12 @@ def certify_trial(
     tags.setdefault(DIAGNOSTICS_TAG, AFTER_STUDY)  # measure's own "skipped: …" says more; keep it
     if measured.metrics:  # as objective.TrialOutcome.tags() says for a trial that measured
         tags["hsgd.delta_split"] = DELTA_SPLIT
-    tracker.log(run_id, metrics=metrics, step=settings.steps, tags=tags)
-    return Certified(trial.number, run_id, metrics, tags, computed=True)
+    return trial.number, run_id, metrics, tags, settings.steps
+
+
+def _log(tracker: Tracker, number: int, run_id: str, metrics: dict, tags: dict, step: int) -> Certified:
+    tracker.log(run_id, metrics=metrics, step=step, tags=tags)
+    return Certified(number, run_id, metrics, tags, computed=True)
 
 
 def load_twin(
@@ -352,6 +396,25 @@ def read_model(folder: Path) -> tuple[torch.nn.Module, ModelSpec]:
 # ---------------------------------------------------------------------------------------------
 
 
+#: ``[diagnostics] trials`` values that ``run`` certifies after the study, and which trials they mean.
+AFTER_STUDY_SCOPES = {
+    "recommended": "the recommended trial and the runner-up",
+    "front": "the Pareto front",
+}
+
+
+def after_study_trials(study: optuna.Study, cfg: StudyConfig) -> list[int]:
+    """The trials ``run`` certifies when its trials are done: with ``trials = "recommended"`` the
+    first two of the study's rank rule (``[rank]``, as ``run`` and ``rank`` recommend), with
+    ``"front"`` the Pareto front; none otherwise, or while no trial has finished."""
+    if cfg.diagnostics.trials == "front":
+        return front_trials(study)
+    if cfg.diagnostics.trials != "recommended" or not complete_trials(study):
+        return []
+    _, order, _ = ranked_table(study, cfg.rank)
+    return order[:2]
+
+
 def certify_front(
     study: optuna.Study,
     cfg: StudyConfig,
@@ -362,19 +425,20 @@ def certify_front(
     stop: threading.Event | None = None,
     on_pending: Callable[[list[int]], None] | None = None,
 ) -> list[Certified]:
-    """What ``run`` does when its trials are done, with ``[diagnostics] trials = "front"``: certify
-    the Pareto-front trials that lack a certificate (nothing when the trials had it already).
-    ``say`` gets a header line, then one line per certified trial; ``on_pending`` gets the trials
-    to certify between the two (for a progress bar)."""
-    if cfg.diagnostics.trials != "front" or cfg.diagnose_every_trial or not has_work(cfg):
+    """What ``run`` does when its trials are done: certify :func:`after_study_trials` that lack a
+    certificate (nothing when the trials had it already). ``say`` gets a header line, then one line
+    per certified trial; ``on_pending`` gets the trials to certify between the two (for a progress
+    bar)."""
+    if cfg.diagnose_every_trial or not has_work(cfg):
         return []
-    runs = {n: _get_run(tracker, n, _run_id(study, n)) for n in front_trials(study)}
+    runs = {n: _get_run(tracker, n, _run_id(study, n)) for n in after_study_trials(study, cfg)}
     pending = [n for n, run in runs.items() if not is_done(run)]
     if not pending:
         return []
     if say is not None:
-        shown = ", ".join(map(str, pending))
-        say(f'certifying the Pareto front after the study ([diagnostics] trials = "front"): trials {shown}')
+        shown, scope = ", ".join(map(str, pending)), cfg.diagnostics.trials
+        setting = f'[diagnostics] trials = "{scope}"'
+        say(f"certifying {AFTER_STUDY_SCOPES[scope]} after the study ({setting}): trials {shown}")
     if on_pending is not None:
         on_pending(pending)
     on_trial = (lambda result: say(result.line())) if say is not None else None

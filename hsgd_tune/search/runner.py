@@ -1,5 +1,6 @@
 """Running a study: check everything first, then create or resume it, then optimise with progress,
-then certify the Pareto front (search/certification.py) unless every trial was certified already.
+then certify the recommended trial and the runner-up, or the Pareto front (search/certification.py),
+unless every trial was certified already.
 
 Order matters for "bad input loses nothing": the study file, the data and the model are all checked
 before any Optuna study or MLflow run exists, so a mistake leaves no trace.
@@ -109,7 +110,7 @@ def run_study(
         stopped = interrupted or options.stop.is_set()
         close_parent(study, tracker, parent_id, study_metrics(study), cfg.run.n_trials, stopped)
     if not options.stop.is_set():  # a worker asked to stop leaves it to the next run
-        # [diagnostics] trials = "front": the trials skipped the certificate; the front gets it now.
+        # [diagnostics] trials = "recommended" or "front": the trials skipped the certificate; now it is done.
         shown = options.lines or not progress  # worker lines, or nothing: no bar
         say, on_pending = (_say(progress, options), None) if shown else (display.say, display.certifying)
         try:

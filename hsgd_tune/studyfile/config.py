@@ -49,7 +49,7 @@ TRAINING_KNOBS = ("momentum", "weight_decay")
 #: Knobs of the injected α-stable noise ([training.noise] searched); inside the theory.
 NOISE_KNOBS = ("noise_alpha", "noise_sigma")
 POSTERIOR_KINDS = ("layer", "weight", "isotropic")
-DIAGNOSE_TRIALS = ("front", "all", "none")  # which trials get certificate and diagnostics
+DIAGNOSE_TRIALS = ("recommended", "front", "all", "none")  # which trials get certificate and diagnostics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +140,11 @@ class DiagnosticsConfig:
     """Tail index of the gradient noise and the analytic decoupling bounds; ``trials`` also says which
     trials get the PAC-Bayes certificate."""
 
-    #: "front": after the study, for the Pareto front only (and for a trial that is picked); "all":
-    #: inside every trial; "none": only on request (``hsgd-tune certify``). A study with
-    #: ``certificate`` among its objectives certifies every trial whatever this says.
-    trials: str = "front"
+    #: "recommended": after the study, the recommended trial and the runner-up (and a trial that is
+    #: picked); "front": after the study, the whole Pareto front; "all": inside every trial; "none":
+    #: only on request (``hsgd-tune certify``). A study with ``certificate`` among its objectives
+    #: certifies every trial whatever this says.
+    trials: str = "recommended"
     tail_index: bool = True
     analytic: bool = True
     checkpoints: int = 3  # recorded iterates where α̂ and M̂ are measured
@@ -566,7 +567,7 @@ def _read_certificate(t: _Table) -> CertificateConfig:
 
 def _read_diagnostics(t: _Table) -> DiagnosticsConfig:
     cfg = DiagnosticsConfig(
-        trials=_one_of(t, "trials", DIAGNOSE_TRIALS, "front"),
+        trials=_one_of(t, "trials", DIAGNOSE_TRIALS, "recommended"),
         tail_index=t.get("tail_index", "bool", True),
         analytic=t.get("analytic", "bool", True),
         checkpoints=_positive(t, "checkpoints", "int", 3),
