@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from hsgd_tune.cli.main import main
 from hsgd_tune.errors import ConfigError
@@ -43,12 +44,17 @@ def test_the_default_leaves_the_cores_other_processes_keep_busy(four_cores, monk
 @pytest.fixture
 def restore_threads():
     threads = torch.get_num_threads()
-    yield
+    with threadpool_limits(limits=None):  # restores NumPy's BLAS threads on exit
+        yield
     torch.set_num_threads(threads)
 
 
-def test_set_threads_sets_torch_threads_and_defaults_within_the_cores(four_cores, restore_threads):
-    assert set_threads(3) == 3 and torch.get_num_threads() == 3
+def _blas_threads() -> set[int]:
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+def test_set_threads_sets_torch_and_blas_threads_and_defaults_within_the_cores(four_cores, restore_threads):
+    assert set_threads(1) == 1 and torch.get_num_threads() == 1 and _blas_threads() <= {1}
     assert set_threads(None, workers=2) == 2 and torch.get_num_threads() == 2
 
 

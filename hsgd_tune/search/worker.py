@@ -356,10 +356,17 @@ def default_threads(workers: int = 1) -> int:
 
 
 def set_threads(threads: int | None, workers: int = 1) -> int:
-    """Set torch's intra-op threads of this process: ``threads``, or :func:`default_threads`; returns
-    the number set (``run --threads``, ``worker --threads``, ``[run] threads``)."""
+    """Set this process's threads: ``threads``, or :func:`default_threads`, for torch's intra-op
+    pool and for NumPy's BLAS (the bound's nearest-iterate products, whose two spinning OpenBLAS
+    threads cost 0.3–1 s a trial on a busy 2-core machine); returns the number set (``run
+    --threads``, ``worker --threads``, ``[run] threads``)."""
     import torch
 
     threads = threads or default_threads(workers)
     torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits  # scikit-learn's, which MLflow brings
+    except ImportError:  # pragma: no cover
+        return threads
+    threadpool_limits(limits=threads, user_api="blas")
     return threads
