@@ -179,3 +179,12 @@ def test_pick_refuses_a_model_whose_data_changed_since_its_trial(picked, monkeyp
     assert err.count("\n") == 1 and "changed since trial 0 was trained" in err
     assert not (picked.folder / "changed.toml").exists()
     assert len(Tracker().client.search_model_versions("name = 'hsgd-animals'")) == before
+
+
+def test_models_registered_before_the_layout_change_still_find_their_builder():
+    """Serving code logged before issue #16 imports the builder from ``hsgd_tune.models``."""
+    from hsgd_tune.models import ModelSpec as OldSpec
+    from hsgd_tune.models import build_model as old_build
+    from hsgd_tune.train.models import ModelSpec, build_model
+
+    assert OldSpec is ModelSpec and old_build is build_model
