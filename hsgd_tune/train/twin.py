@@ -441,7 +441,7 @@ class FuncTwin(_AutogradTwin):
         return self._forward(tuple(self.stacked), x)
 
 
-class SequentialTwin:
+class SequentialTwin(_AutogradTwin):
     """Any ``nn.Module`` held twice; each run's forward is its own call."""
 
     name = "sequential"
@@ -455,14 +455,6 @@ class SequentialTwin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x[r]) for r, m in enumerate(self.models)])
-
-    def loss_and_gradients(
-        self, x: torch.Tensor, y: torch.Tensor, task: str
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(2,) mean minibatch loss of each run, and its gradient for each of :attr:`params`."""
-        with torch.enable_grad():
-            loss = per_example_loss(self.forward(x), y, task).mean(dim=1)
-            return loss.detach(), list(torch.autograd.grad(loss.sum(), self.params))
 
     def flat(self) -> torch.Tensor:
         return torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in self.models])
