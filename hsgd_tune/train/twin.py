@@ -791,27 +791,26 @@ def clipped_gradient_norms(
     """‖∇_w ℓ_B(w, z)‖ for every recorded iterate w of both runs and every z of the subsample.
 
     ℓ_B = min(ℓ, B) has zero gradient where ℓ ≥ B. trajectories (2, N, p) → norms (2, N, m).
-    Built-in Linear/ReLU stacks take the closed form for all iterates at once, and so do a user's
-    Sequentials of Linear layers and elementwise activations (:func:`rows_gradient_norms`); other
-    models (the CNN, a user's) ``vmap(grad)`` over the examples, batched over chunks of iterates by a
-    second ``vmap``.
+    Stacks of Linear layers and elementwise activations (the built-in MLP, a user's Sequential of
+    them) take the closed form for all iterates at once (:func:`rows_gradient_norms`); other models
+    (the CNN, a user's) ``vmap(grad)`` over the examples, batched over chunks of iterates by a second
+    ``vmap``.
     """
-    relu_stack = is_linear_relu_stack(model)
-    plan = None if relu_stack else grouping_plan(model)
+    plan = grouping_plan(model)
     rows_only = plan is not None and {step for step, _ in plan} <= {"linear", "per-example"}
-    if not (relu_stack or rows_only) or (rows_only and not linear_layers(model)):
+    if not rows_only or not linear_layers(model):
         return batched_gradient_norms(model, trajectories, data, loss_clip, m, seed)
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)
     y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
     iterates = torch.as_tensor(trajectories)
     flat = iterates.reshape(-1, iterates.shape[-1])  # (2N, p): every iterate a model of the stack
-    if rows_only:
-        norms = rows_gradient_norms(plan, flat, x, y, data.task, loss_clip)
-    else:
-        shapes = [tuple(layer.weight.shape) for layer in linear_layers(model)]
-        norms = stacked_gradient_norms(shapes, flat, x, y, data.task, loss_clip)
+    norms = rows_gradient_norms(plan, flat, x, y, data.task, loss_clip)
     return norms.reshape(*iterates.shape[:-1], len(y)).double().numpy()
+
+
+#: Floats one chunk of :func:`rows_gradient_norms` may hold (weights + activations): 64 MiB.
+_CHUNK_ELEMENTS = 1 << 24
 
 
 def rows_gradient_norms(
@@ -822,10 +821,14 @@ def rows_gradient_norms(
     task: str,
     loss_clip: float,
 ) -> torch.Tensor:
-    """:func:`stacked_gradient_norms` for any :func:`grouping_plan` on rows (Linear layers, biased or
-    not, and elementwise activations or Flatten between them): iterates (M, p) → (M, m). The same
-    closed form, ‖∂ℓ/∂W‖² + ‖∂ℓ/∂b‖² = ‖δ‖²(‖a‖² + 1) (without the 1 for a Linear without bias),
-    with every δ from one backward pass through the activations."""
+    """Per-example gradient norms of ℓ_B for M models of a :func:`grouping_plan` on rows (Linear
+    layers, biased or not, and elementwise activations or Flatten between them) at once: iterates
+    (M, p) → (M, m); an iterate is the parameters flattened in ``named_parameters`` order.
+
+    For a Linear layer z = W a + b the per-example gradients are ∂ℓ/∂W = δ aᵀ and ∂ℓ/∂b = δ with
+    δ = ∂ℓ/∂z, so ‖∂ℓ/∂W‖² + ‖∂ℓ/∂b‖² = ‖δ‖²(‖a‖² + 1) (without the 1 for a Linear without bias).
+    Every δ comes from one backward pass of the summed loss: example i of model j only reaches
+    z[j, i]. The M models are processed in chunks that hold at most ``_CHUNK_ELEMENTS`` floats."""
     linears = [layer for step, layer in plan if step == "linear"]
     width = sum(layer.in_features + layer.out_features for layer in linears)
     step = max(1, _CHUNK_ELEMENTS // (iterates.shape[1] + 3 * len(y) * width))
@@ -874,58 +877,6 @@ def is_linear_relu_stack(model: nn.Module) -> bool:
     return all(type(layer) is kind for layer, kind in zip(model, expected, strict=True)) and all(
         layer.bias is not None for layer in model[::2]
     )
-
-
-#: Floats one chunk of :func:`stacked_gradient_norms` may hold (weights + activations): 64 MiB.
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def stacked_gradient_norms(
-    shapes: list[tuple[int, int]],
-    iterates: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    task: str,
-    loss_clip: float,
-) -> torch.Tensor:
-    """Per-example gradient norms of ℓ_B for M Linear/ReLU stacks at once: iterates (M, p) → (M, m).
-
-    ``shapes`` are the (out, in) of each Linear; an iterate is W0, b0, W1, b1, … flattened (the order
-    of ``named_parameters``). For a Linear layer z = W a + b the per-example gradients are
-    ∂ℓ/∂W = δ aᵀ and ∂ℓ/∂b = δ with δ = ∂ℓ/∂z, so ‖∂ℓ/∂W‖² + ‖∂ℓ/∂b‖² = ‖δ‖²(‖a‖² + 1). Every δ
-    comes from one backward pass of the summed loss: example i of model j only reaches z[j, i].
-    The M models are processed in chunks that hold at most ``_CHUNK_ELEMENTS`` floats.
-    """
-    p = iterates.shape[1]
-    per_model = p + 3 * len(y) * sum(out + inp for out, inp in shapes)  # weights + a, z, δ per layer
-    step = max(1, _CHUNK_ELEMENTS // per_model)
-    with torch.enable_grad():  # callers may sit under no_grad; the backward pass below needs a graph
-        return torch.cat([_stacked_chunk(shapes, c, x, y, task, loss_clip) for c in iterates.split(step)])
-
-
-def _stacked_chunk(shapes, iterates, x, y, task, loss_clip) -> torch.Tensor:
-    """:func:`stacked_gradient_norms` on one chunk of M models: iterates (M, p) → (M, m)."""
-    n_models, m = iterates.shape[0], len(y)
-    h = x.to(iterates.dtype).expand(n_models, *x.shape)  # (M, m, d)
-    inputs, pre = [], []  # per layer: a (M, m, in) and z (M, m, out)
-    offset = 0
-    for i, (out, inp) in enumerate(shapes):
-        w = iterates[:, offset : offset + out * inp].reshape(n_models, out, inp)
-        b = iterates[:, offset + out * inp : offset + out * inp + out].unsqueeze(1)  # (M, 1, out)
-        offset += out * inp + out
-        if i > 0:
-            h = torch.relu(h)
-        z = torch.baddbmm(b, h, w.transpose(1, 2))
-        if i == 0:
-            z.requires_grad_(True)  # the graph starts here: weights and x need no gradient
-        inputs.append(h.detach())
-        pre.append(z)
-        h = z
-    loss = per_example_loss(h, y.expand(n_models, m), task)  # (M, m)
-    deltas = torch.autograd.grad(loss.sum(), pre)
-    # (M, m): Σ_layers ‖δ‖² (‖a‖² + 1)
-    sq = sum(d.pow(2).sum(-1) * (a.pow(2).sum(-1) + 1.0) for d, a in zip(deltas, inputs, strict=True))
-    return (sq.sqrt() * (loss.detach() < loss_clip)).detach()
 
 
 def _functional_loss(model: nn.Module, data: Dataset, m: int, seed: int):
