@@ -62,11 +62,12 @@ def _study_runs(tracker: Tracker, study: str) -> tuple[str, dict[int, str]]:
     experiment = tracker.experiment_id(f"hsgd-{study}")
     parent = tracker.open_parent(experiment, study, params={}, tags={})
     runs = {}
-    for number, rank in ((0, 2), (1, 1), (2, 1)):
+    for number, rank, order in ((0, 2, 3), (1, 1, 1), (2, 1, 2)):
         run_id = tracker.start_trial(
             experiment, parent, study, number, {"learning_rate": 0.1, "batch_size": 8}
         )
-        metrics = {"rank/pareto_rank": rank, "val/loss": 0.3, "bound/risk_bound": 40.0, "val/error": 0.1}
+        metrics = {"rank/pareto_rank": rank, "rank/order": order, "val/loss": 0.3, "bound/risk_bound": 40.0}
+        metrics["val/error"] = 0.1
         tags = {"hsgd.recommended": str(number == 1).lower(), "hsgd.pareto_rank": str(rank)}
         tracker.finish_trial(run_id, "COMPLETE", tags=tags, metrics=metrics)
         runs[number] = run_id

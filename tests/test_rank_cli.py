@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from tiny_study import TINY_STUDY, run_tiny_study, write_tiny_study
 
-from hsgd_tune.advise.ranking import recommend
+from hsgd_tune.advise.ranking import load_ranking, recommend
 from hsgd_tune.cli.main import main
 from hsgd_tune.errors import ConfigError
 from hsgd_tune.search.trials import METRIC_ATTRS
@@ -151,6 +151,21 @@ def test_ranks_and_recommendation_land_on_the_mlflow_runs(in_tiny):
     assert {int(r.data.tags["optuna.trial_number"]) for r in ranked} == front
     parent = client.search_runs([experiment], "tags.`hsgd.role` = 'study'")[0]
     assert parent.data.tags["hsgd.recommended_trial"] == recommended[0].data.tags["optuna.trial_number"]
+
+
+def test_the_mlflow_runs_carry_the_rule_order_with_the_recommended_trial_first(in_tiny):
+    """``rank/order`` is what the UI's ranked view sorts by: 1, 2, … in the order ``rank`` prints."""
+    assert main(["rank", str(in_tiny)]) == 0
+    client = Tracker().client
+    experiment = client.get_experiment_by_name("hsgd-tiny").experiment_id
+    runs = client.search_runs(
+        [experiment], "tags.`hsgd.role` = 'trial'", order_by=["metrics.`rank/order` ASC"]
+    )
+    ordered = [r for r in runs if "rank/order" in r.data.metrics]
+    ranking, _ = load_ranking("tiny")
+    assert [int(r.data.tags["optuna.trial_number"]) for r in ordered] == ranking.order
+    assert [r.data.metrics["rank/order"] for r in ordered] == list(range(1, len(ordered) + 1))
+    assert ordered[0].data.tags["hsgd.recommended"] == "true"
 
 
 # -- mistakes: one line, non-zero exit, nothing written ------------------------------------------

@@ -350,10 +350,12 @@ def stored_config(study: optuna.Study) -> StudyConfig:
 
 def write_to_mlflow(ranking: Ranking, tracker: Tracker) -> int:
     """Tag every trial's run with its Pareto rank and whether it is recommended, log
-    ``rank/pareto_rank`` (for sorting in the MLflow UI), and tag the study's parent run with the
+    ``rank/pareto_rank`` and ``rank/order`` (the trial's place in the rule's order, 1 = recommended:
+    what the MLflow UI's ranked view sorts by), and tag the study's parent run with the
     recommendation and its rule. Returns the number of runs written; runs missing from this
     tracking store (another ``MLFLOW_TRACKING_URI``?) are skipped with a warning."""
     runs = {t.number: t.user_attrs.get("mlflow_run_id") for t in ranking.study.get_trials(deepcopy=False)}
+    places = {number: place for place, number in enumerate(ranking.order, start=1)}
     written, missing, experiment_id = 0, [], None
     for row in ranking.table.itertuples(index=False):
         run_id = runs.get(row.trial)
@@ -369,7 +371,10 @@ def write_to_mlflow(ranking: Ranking, tracker: Tracker) -> int:
             RANK_TAG: str(row.pareto_rank) if ranked else "unranked",
             RECOMMENDED_TAG: str(row.recommended).lower(),
         }
-        tracker.log(run_id, metrics={"rank/pareto_rank": row.pareto_rank} if ranked else None, tags=tags)
+        metrics = {"rank/pareto_rank": row.pareto_rank} if ranked else {}
+        if row.trial in places:
+            metrics["rank/order"] = places[row.trial]
+        tracker.log(run_id, metrics=metrics or None, tags=tags)
         written += 1
     if missing:
         warnings.warn(

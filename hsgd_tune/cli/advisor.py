@@ -23,7 +23,7 @@ The default is the trial with the smallest crossfit_loss (the mean of the S-mode
 H-model's loss on S); rank explains its answer below the table (the estimate ± its standard error, the
 certificates, the runner-up and why it lost).
 The ranks and the recommendation are written to the MLflow runs (tags hsgd.pareto_rank,
-hsgd.recommended, metric rank/pareto_rank), so the MLflow UI can sort and filter by them."""
+hsgd.recommended, metrics rank/pareto_rank and rank/order), so the MLflow UI can sort and filter by them."""
 
 REPORT_HELP = """\
 Write the study's report: PNG plots (Pareto front, learning-rate × batch-size heatmaps, the bound's

@@ -33,6 +33,7 @@ def column(kind: str, name: str) -> str:
 
 #: The columns of every view, left to right: the decision first (the page may be narrow).
 COLUMNS = (
+    column("metrics", "rank/order"),
     column("metrics", "rank/pareto_rank"),
     column("tags", "hsgd.recommended"),
     column("metrics", "val/loss"),
@@ -75,7 +76,7 @@ def view_state(study: str, view: str) -> dict:
     trials = f"{column('tags', ROLE_TAG)} = 'trial' AND {column('tags', STUDY_TAG)} = '{study}'"
     return {
         "searchFilter": trials + VIEWS[view][1],
-        "orderByKey": column("metrics", "rank/pareto_rank"),
+        "orderByKey": column("metrics", "rank/order"),  # the rule's order: the recommended trial first
         "orderByAsc": True,
         "selectedColumns": list(COLUMNS),
         "columnOrder": list(COLUMNS),
