@@ -119,21 +119,74 @@ def test_cnn_twin_outputs_are_each_runs_own_module_outputs():
     torch.testing.assert_close(twin.flat()[0], flat_parameters(model))
 
 
-def test_cnn_gradient_norms_batched_over_iterates_equal_one_iterate_at_a_time():
+def test_cnn_gradient_norms_in_closed_form_equal_vmap_grad_one_iterate_at_a_time(monkeypatch):
     data = make_data()
+    called = []
+    monkeypatch.setattr(training, "batched_gradient_norms", lambda *a: called.append(a))  # not taken
     run = train_twin(data, CNN, settings(steps=20, record_every=5))
-    batched = run.grad_norms  # computed in the trial by batched_gradient_norms
+    assert not called
+    closed_form = run.grad_norms  # computed in the trial by plan_gradient_norms
     one_by_one = _vmap_gradient_norms(run.model, run.trajectories, data, 5.0, 8, seed=3)
-    assert batched.shape == one_by_one.shape == (2, 5, 8)
-    np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-6)
+    assert closed_form.shape == one_by_one.shape == (2, 5, 8)
+    np.testing.assert_allclose(closed_form, one_by_one, rtol=1e-5, atol=1e-6)
 
 
 def test_batched_gradient_norms_in_small_chunks_equal_one_chunk(monkeypatch):
     data = make_data()
     run = train_twin(data, CNN, settings(steps=20, record_every=5))
+    whole = batched_gradient_norms(run.model, run.trajectories, data, 5.0, 8, seed=3)
     monkeypatch.setattr(training, "_CHUNK_ELEMENTS", 1)  # one iterate per chunk
     chunked = batched_gradient_norms(run.model, run.trajectories, data, 5.0, 8, seed=3)
-    np.testing.assert_allclose(chunked, run.grad_norms, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(whole, run.grad_norms, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        # strided, dilated and unpadded convolutions, one without bias, average pooling, Tanh
+        lambda: [
+            nn.Unflatten(1, IMAGE),
+            nn.Conv2d(2, 3, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(3, 5, 2, bias=False),
+            nn.Flatten(),
+            nn.Linear(5, K),
+        ],
+        lambda: [
+            nn.Unflatten(1, IMAGE),
+            nn.Conv2d(2, 4, 3, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(4, 3, 1),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(12, 6, bias=False),
+            nn.ReLU(),
+            nn.Linear(6, K),
+        ],
+    ],
+)
+def test_closed_form_gradient_norms_of_user_convolutional_sequentials_equal_vmap_grad(layers, monkeypatch):
+    """Any grouping plan with convolutions takes the closed form (patches × δ per example), in one
+    chunk or in many, and it equals per-iterate vmap(grad), clipped examples included."""
+    data = make_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers())
+    assert grouping_plan(model) is not None
+    p = sum(q.numel() for q in model.parameters())
+    scales = np.geomspace(0.3, 6.0, 5)[None, :, None]  # some losses above the clip, some below
+    traj = (np.random.default_rng(1).normal(size=(2, 5, p)) * scales).astype(np.float32)
+    slow = _vmap_gradient_norms(model, traj, data, 2.0, 12, seed=1)
+    assert 0 < np.mean(slow == 0) < 1, "the case must mix clipped and unclipped examples"
+    called = []
+    monkeypatch.setattr(training, "batched_gradient_norms", lambda *a: called.append(a))  # not taken
+    fast = training.clipped_gradient_norms(model, traj, data, 2.0, 12, seed=1)
+    assert not called
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(training, "_CHUNK_ELEMENTS", 1)  # one model per chunk
+    chunked = training.clipped_gradient_norms(model, traj, data, 2.0, 12, seed=1)
+    np.testing.assert_allclose(chunked, fast, rtol=1e-5, atol=1e-6)
 
 
 def test_cnn_study_file_on_digits_loads_and_its_shape_fits_the_data():

@@ -94,7 +94,7 @@ def test_user_models_outside_linear_relu_stacks_take_the_vmap_path():
 )
 def test_closed_form_for_user_sequentials_of_linear_layers_equals_vmap_grad(task, layers, monkeypatch):
     """Sequentials of Linear layers and elementwise activations take the closed form
-    (rows_gradient_norms), in one chunk or in many, and it equals per-iterate vmap(grad)."""
+    (plan_gradient_norms), in one chunk or in many, and it equals per-iterate vmap(grad)."""
     data = make_data(task)
     torch.manual_seed(0)
     model = nn.Sequential(*layers(data.n_outputs))

@@ -350,7 +350,10 @@ def stack_plan_parameters(
 
 
 def stacked_forward(
-    plan: list[tuple[str, nn.Module]], stacked: list[list[torch.Tensor]], x: torch.Tensor
+    plan: list[tuple[str, nn.Module]],
+    stacked: list[list[torch.Tensor]],
+    x: torch.Tensor,
+    taps: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """M models of one :func:`grouping_plan` at once, layer ``i``'s parameters ``stacked[i]`` (M, ...)
     (:func:`stack_plan_parameters`): x (M, b, d), each model its own rows, or (b, d) shared by all
@@ -363,6 +366,9 @@ def stacked_forward(
     one matrix product; for a Conv2d the shared images are repeated into M groups (unambiguously
     channels-last, even with one input channel, which the convolution would not keep). A ReLU
     followed by MaxPool2d is evaluated after it (same values and gradients).
+
+    ``taps``, when given, receives (layer, input, output) for every Linear and Conv2d, in the layout
+    above, for per-example gradients (:func:`plan_gradient_norms`).
     """
     m = next(p.shape[0] for params in stacked for p in params)
     h, b = x, x.shape[-2]
@@ -381,20 +387,24 @@ def stacked_forward(
             h, swapped = plan[i + 1][1](h), True
             continue
         if step == "linear":
-            w = params[0].transpose(1, 2)  # (M, in, out)
+            w, a = params[0].transpose(1, 2), h  # (M, in, out)
             if shared:  # (b, in) @ (M, in, out): one product for the M models
                 h = torch.matmul(h, w) if len(params) == 1 else torch.matmul(h, w) + params[1]
             else:
                 h = torch.baddbmm(params[1], h, w) if len(params) > 1 else torch.bmm(h, w)
             shared = False
+            if taps is not None:
+                taps.append((layer, a, h))
         elif step == "conv":  # weight (M, out, in, k, k) → (M·out, in, k, k), model-major
             bias = params[1].flatten() if len(params) > 1 else None
             if shared:  # (b, c, h, w) → (b, M·c, h, w): unambiguously channels-last, even for c = 1
                 h = h.unsqueeze(1).expand(-1, m, *h.shape[1:]).flatten(1, 2)
                 h = h.contiguous(memory_format=torch.channels_last)
-            w = params[0].flatten(0, 1)
+            w, a = params[0].flatten(0, 1), h
             h = F.conv2d(h, w, bias, layer.stride, layer.padding, layer.dilation, m)
             shared = False
+            if taps is not None:
+                taps.append((layer, a, h))
         elif step == "unflatten":  # (M, b, c·h·w) → (b, M·c, h, w), or shared (b, c·h·w) → (b, c, h, w)
             c, *hw = layer.unflattened_size
             if not shared:
@@ -791,29 +801,28 @@ def clipped_gradient_norms(
     """‖∇_w ℓ_B(w, z)‖ for every recorded iterate w of both runs and every z of the subsample.
 
     ℓ_B = min(ℓ, B) has zero gradient where ℓ ≥ B. trajectories (2, N, p) → norms (2, N, m).
-    Stacks of Linear layers and elementwise activations (the built-in MLP, a user's Sequential of
-    them) take the closed form for all iterates at once (:func:`rows_gradient_norms`); other models
-    (the CNN, a user's) ``vmap(grad)`` over the examples, batched over chunks of iterates by a second
+    Models of :func:`grouping_plan`'s layers (the built-in MLP and CNN, a user's Sequential of
+    common layers) take the closed form for all iterates at once (:func:`plan_gradient_norms`);
+    other models ``vmap(grad)`` over the examples, batched over chunks of iterates by a second
     ``vmap``.
     """
     plan = grouping_plan(model)
-    rows_only = plan is not None and {step for step, _ in plan} <= {"linear", "per-example"}
-    if not rows_only or not linear_layers(model):
+    if plan is None or not any(True for _ in model.parameters()):
         return batched_gradient_norms(model, trajectories, data, loss_clip, m, seed)
     x_np, y_np = lipschitz_subsample(data, m, seed)
     x = torch.as_tensor(x_np)
     y = torch.as_tensor(y_np).long() if data.task == "classification" else torch.as_tensor(y_np).float()
     iterates = torch.as_tensor(trajectories)
     flat = iterates.reshape(-1, iterates.shape[-1])  # (2N, p): every iterate a model of the stack
-    norms = rows_gradient_norms(plan, flat, x, y, data.task, loss_clip)
+    norms = plan_gradient_norms(plan, flat, x, y, data.task, loss_clip)
     return norms.reshape(*iterates.shape[:-1], len(y)).double().numpy()
 
 
-#: Floats one chunk of :func:`rows_gradient_norms` may hold (weights + activations): 64 MiB.
+#: Floats one chunk of :func:`plan_gradient_norms` may hold (weights + activations): 64 MiB.
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def rows_gradient_norms(
+def plan_gradient_norms(
     plan: list[tuple[str, nn.Module]],
     iterates: torch.Tensor,
     x: torch.Tensor,
@@ -821,52 +830,74 @@ def rows_gradient_norms(
     task: str,
     loss_clip: float,
 ) -> torch.Tensor:
-    """Per-example gradient norms of ℓ_B for M models of a :func:`grouping_plan` on rows (Linear
-    layers, biased or not, and elementwise activations or Flatten between them) at once: iterates
-    (M, p) → (M, m); an iterate is the parameters flattened in ``named_parameters`` order.
+    """Per-example gradient norms of ℓ_B for M models of one :func:`grouping_plan` (the built-in MLP
+    and CNN, a user's Sequential of common layers) at once: iterates (M, p) → (M, m); an iterate is
+    the parameters flattened in ``named_parameters`` order.
 
-    For a Linear layer z = W a + b the per-example gradients are ∂ℓ/∂W = δ aᵀ and ∂ℓ/∂b = δ with
-    δ = ∂ℓ/∂z, so ‖∂ℓ/∂W‖² + ‖∂ℓ/∂b‖² = ‖δ‖²(‖a‖² + 1) (without the 1 for a Linear without bias).
-    Every δ comes from one backward pass of the summed loss: example i of model j only reaches
-    z[j, i]. The M models are processed in chunks that hold at most ``_CHUNK_ELEMENTS`` floats."""
-    linears = [layer for step, layer in plan if step == "linear"]
-    width = sum(layer.in_features + layer.out_features for layer in linears)
-    step = max(1, _CHUNK_ELEMENTS // (iterates.shape[1] + 3 * len(y) * width))
+    Only the layers with parameters have a gradient, and each layer's per-example gradient is a
+    product of what the forward pass saw and one backward pass gives (δ = ∂ℓ/∂z, z the layer's
+    output; example i of model j only reaches z[j, i], so one backward pass of the summed loss
+    holds every δ):
+
+    - Linear z = W a + b: ∂ℓ/∂W = δ aᵀ and ∂ℓ/∂b = δ, so ‖∂ℓ/∂W‖² + ‖∂ℓ/∂b‖² = ‖δ‖²(‖a‖² + 1)
+      (without the 1 when unbiased);
+    - Conv2d: with U the image's patches (``unfold``: one column per output position q),
+      ∂ℓ/∂W = Σ_q δ_q U_qᵀ, a (out × in·k²) product per example, and ∂ℓ/∂b = Σ_q δ_q.
+
+    The M models go in chunks of at most ``_CHUNK_ELEMENTS`` floats."""
+    per_model = _floats_per_model(plan, x[:1]) * len(y) + iterates.shape[1]
+    step = max(1, _CHUNK_ELEMENTS // per_model)
     with torch.enable_grad():  # callers may sit under no_grad; the backward pass below needs a graph
-        return torch.cat([_rows_chunk(plan, c, x, y, task, loss_clip) for c in iterates.split(step)])
+        return torch.cat([_plan_chunk(plan, c, x, y, task, loss_clip) for c in iterates.split(step)])
 
 
-def _rows_chunk(plan, iterates, x, y, task, loss_clip) -> torch.Tensor:
-    """:func:`rows_gradient_norms` on one chunk of M models: iterates (M, p) → (M, m)."""
-    n_models, m = iterates.shape[0], len(y)
-    h = x.to(iterates.dtype).expand(n_models, *x.shape)  # (M, m, d)
-    inputs, pre, biased = [], [], []  # per Linear: a (M, m, in), z (M, m, out), has a bias
-    offset = 0
-    for step, layer in plan:
-        if step != "linear":
-            h = h if isinstance(layer, nn.Flatten) else layer(h)  # rows are flat already
-            continue
-        out, inp = layer.out_features, layer.in_features
-        w = iterates[:, offset : offset + out * inp].reshape(n_models, out, inp).transpose(1, 2)
-        offset += out * inp
-        if layer.bias is not None:
-            z = torch.baddbmm(iterates[:, offset : offset + out].unsqueeze(1), h, w)
-            offset += out
-        else:
-            z = torch.bmm(h, w)
-        if not pre:
-            z.requires_grad_(True)  # the graph starts here: weights and x need no gradient
-        inputs.append(h.detach())
-        pre.append(z)
-        biased.append(layer.bias is not None)
-        h = z
-    loss = per_example_loss(h, y.expand(n_models, m), task)  # (M, m)
-    deltas = torch.autograd.grad(loss.sum(), pre)
+def _plan_chunk(plan, iterates, x, y, task, loss_clip) -> torch.Tensor:
+    """:func:`plan_gradient_norms` on one chunk of M models: iterates (M, p) → (M, m)."""
+    taps: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    out = stacked_forward(plan, _plan_parameters(plan, iterates.detach().requires_grad_(True)), x, taps)
+    loss = per_example_loss(out, y.expand(out.shape[:-1]), task)  # (M, m)
+    deltas = torch.autograd.grad(loss.sum(), [z for _, _, z in taps])
     sq = sum(
-        d.pow(2).sum(-1) * (a.pow(2).sum(-1) + float(bias))
-        for d, a, bias in zip(deltas, inputs, biased, strict=True)
+        _layer_norms_squared(layer, a.detach(), d) for (layer, a, _), d in zip(taps, deltas, strict=True)
     )
     return (sq.sqrt() * (loss.detach() < loss_clip)).detach()
+
+
+def _plan_parameters(plan, iterates: torch.Tensor) -> list[list[torch.Tensor]]:
+    """(M, p) flat iterates → :func:`stack_plan_parameters`' per-layer (M, ...) views."""
+    shapes = [p.shape for _, layer in plan for p in layer.parameters(recurse=False)]
+    chunks = iterates.split([math.prod(shape) for shape in shapes], dim=1)
+    views = [c.reshape(len(iterates), *shape) for c, shape in zip(chunks, shapes, strict=True)]
+    return stack_plan_parameters(plan, views)
+
+
+def _layer_norms_squared(layer: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(M, m) squared norms of one layer's per-example gradients, from its input ``a`` and δ in
+    :func:`stacked_forward`'s layout (rows (M, m, f) or shared (m, f); images (m, M·c, h, w))."""
+    if isinstance(layer, nn.Linear):
+        return delta.pow(2).sum(-1) * (a.pow(2).sum(-1) + float(layer.bias is not None))
+    m, n_models = a.shape[0], delta.shape[1] // layer.out_channels
+    patches = F.unfold(a.contiguous(), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    patches = patches.view(m, n_models, -1, patches.shape[-1])  # (m, M, in·k², q), model-major
+    delta = delta.reshape(m, n_models, layer.out_channels, -1)  # (m, M, out, q)
+    sq = torch.matmul(delta, patches.transpose(-1, -2)).pow(2).sum((-1, -2))
+    if layer.bias is not None:
+        sq = sq + delta.sum(-1).pow(2).sum(-1)
+    return sq.T
+
+
+def _floats_per_model(plan, x_one: torch.Tensor) -> int:
+    """Floats one model and one example hold in :func:`_plan_chunk` (inputs, outputs, their
+    gradients and a convolution's patches, three times over for the temporaries), from a probe pass."""
+    taps: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    n_params = sum(p.numel() for _, layer in plan for p in layer.parameters(recurse=False))
+    with torch.no_grad():
+        stacked_forward(plan, _plan_parameters(plan, torch.zeros(1, n_params)), x_one, taps)
+    size = 0
+    for layer, a, z in taps:
+        patches = a.numel() * (math.prod(layer.kernel_size) if isinstance(layer, nn.Conv2d) else 1)
+        size += patches + 2 * z.numel()
+    return 3 * size
 
 
 def is_linear_relu_stack(model: nn.Module) -> bool:
