@@ -161,6 +161,29 @@ def test_certify_adds_a_trial_once(in_none, capsys):
     assert run.data.metrics["certificate/trivial"] == pytest.approx(0.9)
 
 
+def test_certify_reads_the_trajectory_bound_the_trial_logged(in_none, monkeypatch):
+    """Not recomputed (L_pop's passes over V were a fifth of a certificate's cost), and what
+    depends on it is what a recomputed bound gives."""
+    from hsgd_tune.search import certification
+
+    def recompute(*args):
+        raise AssertionError("the trial's logged bound should have been used")
+
+    cfg = load_study(in_none)
+    data = certification.prepare(cfg)
+    trial = study().trials[off_front()[1]]
+    run = runs()[trial.number]
+    with monkeypatch.context() as patched:  # as a run logged without the bound would be: recomputed
+        patched.setattr(certification.TrajectoryBound, "from_metrics", classmethod(lambda *a: None))
+        computed = certification._compute(cfg, data, Tracker(), trial, run.data.metrics)  # logs nothing
+    monkeypatch.setattr(certification, "trial_bound", recompute)
+    read_back = certification._compute(cfg, data, Tracker(), trial, run.data.metrics)
+    measured = [
+        {k: v for k, v in result[2].items() if k.startswith(MEASURED)} for result in (computed, read_back)
+    ]
+    assert "certificate/bound" in measured[1] and measured[0] == measured[1]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

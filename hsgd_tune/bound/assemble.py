@@ -22,6 +22,7 @@ everywhere, and L̂ is 100× the constant the argument above needs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,28 @@ _UNIFORM_ONLY = {
 }
 
 
+#: The fields of :class:`TrajectoryBound` that a trial logs (``bound/<name>``), and those that are NaN,
+#: so not logged, when only the uniform form could be computed.
+_LOGGED = (
+    "decoupling_distance",
+    "hausdorff_distance",
+    "synchronous_distance",
+    "lipschitz",
+    "lipschitz_pop",
+    "complexity",
+    "gap_bound",
+    "risk_bound",
+    "risk_bound_max",
+    "gap_bound_uniform",
+    "risk_bound_uniform",
+    "train_risk_clipped",
+    "reference_train_risk",
+    "loss_clip",
+    "n_points",
+)
+_NAN_WHEN_UNIFORM = ("lipschitz_pop", "reference_train_risk")
+
+
 @dataclass(frozen=True)
 class TrajectoryBound:
     """Every term of one trial's trajectory bound (DESIGN.md §2 table). Build with
@@ -101,25 +124,25 @@ class TrajectoryBound:
 
     def metrics(self) -> dict[str, float]:
         """The loggable numbers, namespaced ``bound/…`` (DESIGN.md §3); all finite floats."""
-        names = (
-            "decoupling_distance",
-            "hausdorff_distance",
-            "synchronous_distance",
-            "lipschitz",
-            "lipschitz_pop",
-            "complexity",
-            "gap_bound",
-            "risk_bound",
-            "risk_bound_max",
-            "gap_bound_uniform",
-            "risk_bound_uniform",
-            "train_risk_clipped",
-            "reference_train_risk",
-            "loss_clip",
-            "n_points",
-        )
-        values = {f"bound/{name}": float(getattr(self, name)) for name in names}
+        values = {f"bound/{name}": float(getattr(self, name)) for name in _LOGGED}
         return {k: v for k, v in values.items() if np.isfinite(v)}  # NaN is never logged
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float], delta: float, n_train: int) -> TrajectoryBound | None:
+        """The bound whose :meth:`metrics` these are (a trial's logged run), with the confidence and
+        n that are not logged; None when a term is missing (a run logged by an older version).
+        The numbers are the logged float64s, so they equal what :func:`trajectory_bound` computed."""
+        uniform_only = "bound/lipschitz_pop" not in metrics  # NaN when the iterates were sketched
+        values: dict[str, float] = {}
+        for name in _LOGGED:
+            if f"bound/{name}" in metrics:
+                values[name] = float(metrics[f"bound/{name}"])
+            elif uniform_only and name in _NAN_WHEN_UNIFORM:
+                values[name] = float("nan")
+            else:
+                return None
+        n_points = int(values.pop("n_points"))
+        return cls(**values, n_points=n_points, delta=delta, n_train=n_train, uniform_only=uniform_only)
 
     def assumptions(self) -> dict[str, str]:
         """Term name (as in ``metrics()`` without ``bound/``) -> what its value rests on."""

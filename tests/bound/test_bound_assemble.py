@@ -122,6 +122,33 @@ def test_metrics_are_all_finite_floats():
     assert all(type(v) is float and math.isfinite(v) for v in values)
 
 
+def _same(a: TrajectoryBound, b: TrajectoryBound) -> bool:
+    """Field by field, NaN equal to NaN."""
+    return all(
+        x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y))
+        for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b), strict=True)
+    )
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_a_logged_bound_is_rebuilt_from_its_metrics(uniform):
+    """What certification reads back instead of recomputing L_pop: every field, exactly."""
+    case = {**CASE, "risks_s": None, "risks_h": None, "lipschitz_pop": None} if uniform else CASE
+    result = trajectory_bound(**case)
+    rebuilt = TrajectoryBound.from_metrics(result.metrics(), DELTA, 50)
+    assert rebuilt is not None and rebuilt.uniform_only == uniform
+    assert _same(rebuilt, result) and type(rebuilt.n_points) is int
+
+
+def test_a_bound_missing_a_logged_term_is_not_rebuilt():
+    metrics = trajectory_bound(**CASE).metrics()
+    del metrics["bound/complexity"]
+    assert TrajectoryBound.from_metrics(metrics, DELTA, 50) is None
+    metrics = trajectory_bound(**CASE).metrics()
+    del metrics["bound/reference_train_risk"]  # only NaN (unlogged) when L_pop is missing too
+    assert TrajectoryBound.from_metrics(metrics, DELTA, 50) is None
+
+
 def test_assumptions_name_the_status_of_every_metric():
     assumptions = trajectory_bound(**CASE).assumptions()
     assert {f"bound/{name}" for name in assumptions} >= METRIC_KEYS
