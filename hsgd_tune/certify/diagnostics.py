@@ -135,16 +135,18 @@ def _stacked(iterates: np.ndarray) -> torch.Tensor:
 
 
 def _forward_many(fm: FlatModel, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(m, p) weights, (n, d) inputs → (m, n, k) outputs, as ``fm.forward_many``. A model of
+    """(m, p) weights; (n, d) inputs shared by all, or (m, n, d), model i on its own rows x[i] →
+    (m, n, k) outputs, as ``fm.forward_many`` (or ``vmap(fm.forward)`` for own rows). A model of
     :func:`~hsgd_tune.train.twin.grouping_plan`'s layers (the built-in MLP and CNN, a user's Sequential of
     common layers) takes one stacked pass (:func:`~hsgd_tune.train.twin.stacked_forward`: batched matrix
     products, one convolution of all m models' channels, channels-last pooling) instead of
     ``vmap(functional_call)``, whose batching rules copy every activation to move the model dimension
     in and out of the channels (several times slower for a CNN); equal to float rounding
-    (tests/test_diagnostics_trajectory.py)."""
+    (tests/test_diagnostics_trajectory.py), bit for bit in the certificates' uses on the built-in
+    models (tests/test_certificate_equivalence.py)."""
     plan = grouping_plan(fm.model)
     if plan is None:
-        return fm.forward_many(flats, x)
+        return fm.forward_many(flats, x) if x.dim() == 2 else vmap(fm.forward)(flats, x)
     m = flats.shape[0]
     params = [c.view(m, *shape) for c, shape in zip(flats.split(fm.sizes, dim=1), fm.shapes, strict=True)]
     return stacked_forward(plan, stack_plan_parameters(plan, params), x)
@@ -526,7 +528,7 @@ def pointwise_draw_errors(
         for start in range(0, len(ys), chunk):
             xb, yb = xs[start : start + chunk], ys[start : start + chunk]
             weights = mean_t + std_t * torch.randn(len(yb), len(mean_t), generator=gen)
-            out = vmap(fm.forward)(weights, xb)  # (chunk, 1, outputs)
+            out = _forward_many(fm, weights, xb)  # (chunk, 1, outputs): each weight its example
             errors.append(_bounded_error(out, yb, fm.task, loss_clip)[:, 0])
     return torch.cat(errors).double().numpy().reshape(len(y), draws)
 
@@ -570,7 +572,7 @@ def draw_errors(
         for start in range(0, m, chunk):
             k = min(chunk, m - start)
             draws = mean_t + std_t * torch.randn(k, len(mean_t), generator=gen)
-            out = fm.forward_many(draws, x)  # (k, n, outputs)
+            out = _forward_many(fm, draws, x)  # (k, n, outputs)
             errors.append(_bounded_error(out, y, fm.task, loss_clip).mean(dim=1))
     return torch.cat(errors).double().numpy()
 
@@ -768,7 +770,7 @@ def choose_sigma(fm, w: np.ndarray, distance: float, x, y, n: int, delta: float,
     scales = torch.as_tensor(sigmas, dtype=torch.float32)[:, None, None]  # (G, 1, 1)
     weights = (w_t + scales * noise).reshape(-1, len(w_t))  # (G·m, p)
     with torch.no_grad():
-        err = _bounded_error(fm.forward_many(weights, x[idx]), y[idx], fm.task, loss_clip).mean(dim=1)
+        err = _bounded_error(_forward_many(fm, weights, x[idx]), y[idx], fm.task, loss_clip).mean(dim=1)
     err = err.view(len(sigmas), _PILOT_DRAWS).mean(dim=1).double().numpy()
     pilot = [
         bound.pac_bayes_kl_bound(float(e), distance**2 / (2 * s * s), n, delta)
