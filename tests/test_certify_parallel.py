@@ -63,6 +63,8 @@ def test_parallel_certificates_equal_sequential_ones_bit_for_bit(tmp_path, monke
     "cores, load, trials, expected",
     [
         (2, 0.9, PARALLEL_FROM, 2),  # after a one-thread study on a quiet machine: its own load
+        (2, 1.4, PARALLEL_FROM, 2),  # the same, the 1-minute average still catching up
+        (2, 1.6, PARALLEL_FROM, 1),  # more than half a core taken by something else
         (2, 0.9, PARALLEL_FROM - 1, 1),  # one trial: nothing to share
         (2, 2.5, 12, 1),  # another job keeps a core busy
         (1, 0.0, 12, 1),

@@ -216,13 +216,15 @@ PARALLEL_FROM = 2
 def parallel_workers(n_trials: int) -> int:
     """Threads to certify ``n_trials`` with: the cores that nothing else keeps busy, at most one per
     trial; 1 (this thread alone) on a busy machine. The 1-minute load average counts this process's
-    own trials too (up to one core: one torch thread each), which the certificates now take over."""
+    own trials too (up to one core: one torch thread each), which the certificates now take over.
+    Idle cores are rounded, not truncated: the average lags, and right after a quick-start study on
+    2 cores it reads 1.2–1.5, which truncation turned into one thread and certificates in turn."""
     cores = available_cores()
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average (Windows)
         load = 0.0
-    idle = int(cores - max(0.0, load - 1.0))
+    idle = round(cores - max(0.0, load - 1.0))
     workers = min(idle, n_trials)
     return workers if n_trials >= PARALLEL_FROM and workers > 1 else 1
 
