@@ -845,6 +845,7 @@ def plan_gradient_norms(
       ∂ℓ/∂W = Σ_q δ_q U_qᵀ, a (out × in·k²) product per example, and ∂ℓ/∂b = Σ_q δ_q.
 
     The M models go in chunks of at most ``_CHUNK_ELEMENTS`` floats."""
+    x = x.to(iterates.dtype)
     per_model = _floats_per_model(plan, x[:1]) * len(y) + iterates.shape[1]
     step = max(1, _CHUNK_ELEMENTS // per_model)
     with torch.enable_grad():  # callers may sit under no_grad; the backward pass below needs a graph
@@ -877,7 +878,7 @@ def _layer_norms_squared(layer: nn.Module, a: torch.Tensor, delta: torch.Tensor)
     if isinstance(layer, nn.Linear):
         return delta.pow(2).sum(-1) * (a.pow(2).sum(-1) + float(layer.bias is not None))
     m, n_models = a.shape[0], delta.shape[1] // layer.out_channels
-    patches = F.unfold(a.contiguous(), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    patches = F.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
     patches = patches.view(m, n_models, -1, patches.shape[-1])  # (m, M, in·k², q), model-major
     delta = delta.reshape(m, n_models, layer.out_channels, -1)  # (m, M, out, q)
     sq = torch.matmul(delta, patches.transpose(-1, -2)).pow(2).sum((-1, -2))
@@ -892,7 +893,7 @@ def _floats_per_model(plan, x_one: torch.Tensor) -> int:
     taps: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     n_params = sum(p.numel() for _, layer in plan for p in layer.parameters(recurse=False))
     with torch.no_grad():
-        stacked_forward(plan, _plan_parameters(plan, torch.zeros(1, n_params)), x_one, taps)
+        stacked_forward(plan, _plan_parameters(plan, x_one.new_zeros(1, n_params)), x_one, taps)
     size = 0
     for layer, a, z in taps:
         patches = a.numel() * (math.prod(layer.kernel_size) if isinstance(layer, nn.Conv2d) else 1)
