@@ -152,6 +152,13 @@ def _forward_many(fm: FlatModel, flats: torch.Tensor, x: torch.Tensor) -> torch.
     return stacked_forward(plan, stack_plan_parameters(plan, params), x)
 
 
+def _per_iterate(fm: FlatModel, iterates: np.ndarray, x: torch.Tensor, summary, chunk: int) -> np.ndarray:
+    """(m,) ``summary(outputs)`` at each of the (m, p) iterates, in stacked passes of ``chunk``;
+    ``summary`` maps (c, n, k) outputs to (c,)."""
+    with torch.no_grad():
+        return torch.cat([summary(_forward_many(fm, w, x)) for w in _stacked(iterates).split(chunk)]).numpy()
+
+
 def iterate_risks(
     fm: FlatModel,
     iterates: np.ndarray,
@@ -161,12 +168,12 @@ def iterate_risks(
     chunk: int = CHUNK,
 ) -> np.ndarray:
     """(m,) ``R̂_B(w) = mean_i min(ℓ(w, z_i), B)`` on (x, y) at each of the (m, p) iterates."""
-    out = []
-    with torch.no_grad():
-        for w in _stacked(iterates).split(chunk):
-            logits = _forward_many(fm, w, x)  # (c, n, k)
-            out.append(per_example_loss(logits, y.expand(logits.shape[:-1]), fm.task).clamp(max=loss_clip))
-    return torch.cat(out).mean(dim=1).double().numpy()
+
+    def risk(logits: torch.Tensor) -> torch.Tensor:
+        losses = per_example_loss(logits, y.expand(logits.shape[:-1]), fm.task).clamp(max=loss_clip)
+        return losses.mean(dim=1).double()
+
+    return _per_iterate(fm, iterates, x, risk, chunk)
 
 
 def iterate_errors(
@@ -178,12 +185,12 @@ def iterate_errors(
     chunk: int = CHUNK,
 ) -> np.ndarray:
     """(m,) mean bounded error (0-1, or ``ℓ_B/B`` for regression) on (x, y) at each iterate."""
-    out = []
-    with torch.no_grad():
-        for w in _stacked(iterates).split(chunk):
-            # In float64: a mean of n float32 zeros and ones would not be an exact count over n.
-            out.append(_bounded_error(_forward_many(fm, w, x), y, fm.task, loss_clip).double().mean(dim=1))
-    return torch.cat(out).numpy()
+
+    def error(logits: torch.Tensor) -> torch.Tensor:
+        # In float64: a mean of n float32 zeros and ones would not be an exact count over n.
+        return _bounded_error(logits, y, fm.task, loss_clip).double().mean(dim=1)
+
+    return _per_iterate(fm, iterates, x, error, chunk)
 
 
 def mean_gradient_norms(
