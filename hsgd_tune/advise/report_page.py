@@ -232,6 +232,15 @@ def candidates_figure(
     return fig
 
 
+def _objective_view(plot, study: optuna.Study, i: int, name: str, values: list, log: bool):
+    """One of Optuna's views of objective ``i`` (``plot(study, target=, target_name=)``), its value
+    axis logarithmic over ``values`` when ``log``; (None, why) when Optuna cannot draw it."""
+    fig, why = optuna_view(lambda: plot(study, target=objective_target(i), target_name=name))
+    if fig is not None and log:
+        fig.update_yaxes(log_axis(values))
+    return fig, why
+
+
 def search_space_views(study: optuna.Study, objectives: list[str]) -> list[tuple[str, go.Figure | None, str]]:
     """History, contour and slice for each objective, and parameter importance: (title, fig, why not)."""
     params = varied_params(study)
@@ -246,13 +255,9 @@ def search_space_views(study: optuna.Study, objectives: list[str]) -> list[tuple
                 (lambda t, i=i: math.log10(t.values[i]) if t.values[i] > 0 else math.nan),
                 (f"log10 {name}"),
             )
-        history, why = optuna_view(
-            lambda i=i, name=name: optuna.visualization.plot_optimization_history(
-                study, target=objective_target(i), target_name=name
-            )
+        history, why = _objective_view(
+            optuna.visualization.plot_optimization_history, study, i, name, values, log
         )
-        if history is not None and log:
-            history.update_yaxes(log_axis(values))
         views.append((f"Optimisation history: {name}", history, why))
         if len(params) >= 2:
             contour, why = optuna_view(
@@ -265,13 +270,7 @@ def search_space_views(study: optuna.Study, objectives: list[str]) -> list[tuple
         views.append(
             (f"Contour over {' × '.join(params[:2]) or 'the parameters'}: {target_name}", contour, why)
         )
-        slices, why = optuna_view(
-            lambda i=i, name=name: optuna.visualization.plot_slice(
-                study, target=objective_target(i), target_name=name
-            )
-        )
-        if slices is not None and log:
-            slices.update_yaxes(log_axis(values))
+        slices, why = _objective_view(optuna.visualization.plot_slice, study, i, name, values, log)
         views.append((f"Slice: {name} against each parameter", slices, why))
     for i, name in enumerate(objectives):
         if len(params) < 2 or len(trials) < 3:
