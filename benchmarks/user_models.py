@@ -1,7 +1,9 @@
 """An entry-point model for the benchmarks: ``[model] entry_point = "benchmarks.user_models:tanh_mlp"``.
 
-A tanh MLP is outside the built-in Linear/ReLU stack, so its twin is stepped by torch.func's vmap or as
-two modules (training.choose_twin measures which is faster), and its gradient norms take the vmap path.
+A tanh MLP is outside the built-in Linear/ReLU stack: its twin is whichever of the hand-differentiated
+stack, the grouped pass, torch.func's vmap or two modules ``choose_twin`` (train/twin.py) measures
+fastest (the stack, on these machines), and its per-example gradient norms take the closed form of
+any grouping plan (``plan_gradient_norms``).
 """
 
 from __future__ import annotations
