@@ -43,12 +43,16 @@ def tail_index_block(samples: np.ndarray, block: int) -> float:
     """
     x = _checks.finite_array("samples", samples)
     block = _checks.count("block", block, minimum=2)
-    k2 = x.shape[0] // block
-    if k2 < 1:
+    if x.shape[0] < block:
         raise ValueError(f"samples must hold at least block={block} draws along axis 0, got {x.shape[0]}")
-    kept = x[: k2 * block]
-    sums = kept.reshape(k2, block, *x.shape[1:]).sum(axis=1)
-    return float((_mean_log_abs(sums) - _mean_log_abs(kept)) / math.log(block))
+    return _inverse_alpha(x, _log_abs(x), block)
+
+
+def _inverse_alpha(x: np.ndarray, log_abs_x: np.ndarray, block: int) -> float:
+    """:func:`tail_index_block` given ``ln|x|``, computed once for all block sizes (the costly part)."""
+    kept = (x.shape[0] // block) * block
+    sums = x[:kept].reshape(kept // block, block, *x.shape[1:]).sum(axis=1)
+    return float((float(np.mean(_log_abs(sums))) - float(np.mean(log_abs_x[:kept]))) / math.log(block))
 
 
 def tail_index(samples: np.ndarray, blocks: tuple[int, ...] = BLOCK_SIZES, center: bool = True) -> float:
@@ -72,7 +76,11 @@ def tail_index(samples: np.ndarray, blocks: tuple[int, ...] = BLOCK_SIZES, cente
     if center:
         x = x - np.median(x, axis=0)
     usable = [k for k in blocks if x.shape[0] // k >= MIN_BLOCKS] or [min(blocks)]
-    inverse = float(np.median([tail_index_block(x, k) for k in usable]))
+    usable = [_checks.count("block", k, minimum=2) for k in usable]
+    if x.shape[0] < usable[0]:
+        raise ValueError(f"samples must hold at least block={usable[0]} draws along axis 0, got {x.shape[0]}")
+    log_abs_x = _log_abs(x)
+    inverse = float(np.median([_inverse_alpha(x, log_abs_x, k) for k in usable]))
     return 1.0 / max(inverse, 0.5)
 
 
@@ -83,6 +91,6 @@ def log_abs_variance(alpha: float) -> float:
     return math.pi**2 / 12.0 * (1.0 + 2.0 / alpha**2)
 
 
-def _mean_log_abs(a: np.ndarray) -> float:
+def _log_abs(a: np.ndarray) -> np.ndarray:
     # A draw of exactly 0 (possible with float rounding after centring) would give -inf.
-    return float(np.mean(np.log(np.maximum(np.abs(a), np.finfo(np.float64).tiny))))
+    return np.log(np.maximum(np.abs(a), np.finfo(np.float64).tiny))
