@@ -3,7 +3,8 @@
 * ``FlatModel.forward`` of the built-in MLP and linear models calls ``F.linear`` itself instead of going
   through ``functional_call``: the same outputs, gradients, batched outputs and Hessian-vector products.
 * The posterior fit: :class:`diagnostics._Adam` gives, bit for bit, the posterior that
-  ``torch.optim.Adam`` and ``functional_call`` gave (the reference below is the code as it was).
+  ``torch.optim.Adam`` and ``functional_call`` gave (the reference below is the code as it was), on
+  the autograd path (the chain models' hand-written gradients: tests/test_backprop.py).
 * The Monte Carlo: for the built-in MLP and linear models each (example, draw) term's network output is
   drawn from its law under its own weight draw (local reparameterisation) instead of drawing the
   weights. Not the same random numbers, so not the same values: the test checks the same *law*, against
@@ -73,7 +74,9 @@ def reference_fit_posterior(fm, w_s, w_h, x, y, *, kind, steps, delta, loss_clip
     groups = fm.group_index() if kind == "layer" else torch.arange(p)
     start = max(float(torch.linalg.vector_norm(mean.detach() - prior_mean)) / math.sqrt(p), 1e-4)
     log_std = torch.full((int(groups.max()) + 1,), math.log(start), requires_grad=True)
-    optimiser = torch.optim.Adam([{"params": [mean], "lr": 1e-3}, {"params": [log_std], "lr": 0.05}])
+    optimiser = torch.optim.Adam(
+        [{"params": [mean], "lr": diagnostics.MEAN_LR}, {"params": [log_std], "lr": diagnostics.STD_LR}]
+    )
     confidence = math.log(2.0 * math.sqrt(n) / delta)
     best = (math.inf, mean.detach().clone(), log_std.detach().clone())
     for step in range(steps + 1):
@@ -103,7 +106,10 @@ def reference_fit_posterior(fm, w_s, w_h, x, y, *, kind, steps, delta, loss_clip
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 @pytest.mark.parametrize("kind", ["layer", "weight"])
-def test_the_posterior_is_bit_for_bit_the_one_torch_optim_adam_found(model, kind):
+def test_the_posterior_is_bit_for_bit_the_one_torch_optim_adam_found(model, kind, monkeypatch):
+    """The autograd path (any model that is not a chain; the chain's hand-written gradients are
+    compared with it in tests/test_backprop.py)."""
+    monkeypatch.setattr(diagnostics, "_by_hand", lambda fm: False)
     fm = mlp() if model == "mlp" else cnn()
     x, y = task(fm)
     w_s = flat_parameters(fm.model).double().numpy()

@@ -131,7 +131,7 @@ class CertificateConfig:
 
     enabled: bool = True
     posterior: str = "layer"  # learned variances per "layer" or per "weight", or "isotropic"
-    steps: int = 300  # optimisation steps of the posterior
+    steps: int = 150  # optimisation steps of the posterior
     mc_draws: int = 5  # independent weight draws per example of S for the certified empirical error
 
 
@@ -556,7 +556,7 @@ def _read_certificate(t: _Table) -> CertificateConfig:
     cfg = CertificateConfig(
         enabled=t.get("enabled", "bool", True),
         posterior=_one_of(t, "posterior", POSTERIOR_KINDS, "layer"),
-        steps=t.get("steps", "int", 300),
+        steps=t.get("steps", "int", CertificateConfig.steps),
         mc_draws=_positive(t, "mc_draws", "int", 5),
     )
     if cfg.steps < 0:
