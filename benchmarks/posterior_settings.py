@@ -1,14 +1,16 @@
-"""What would a cheaper posterior fit cost in certificate quality? Side by side on a finished study.
+"""What does a cheaper posterior fit cost in certificate quality? Side by side on a finished study.
 
 For every trial of a finished study (run from the study's folder), the learned-posterior certificate
 (``certificate/bound``) is computed from the trial's artifacts with each of several settings of the
-fit — optimisation steps and minibatch size — and timed; nothing is logged. Prints a row per trial,
-then the mean certificate and mean seconds per setting. The default is ``steps=300``, ``batch=512``
-(all of S on the quick-start):
+fit — optimisation steps, minibatch size, Adam's step sizes for Q's mean and log standard deviations,
+snapshot interval — and timed; nothing is logged. Prints a row per trial, then the mean certificate
+and mean seconds per setting. The default compares the fit before issue #17's last change (300 steps on
+all 500 rows of the quick-start's S, step sizes 1e-3 and 0.05, a snapshot every 50 steps) with today's
+defaults (150 steps on minibatches of 128, 2e-3 and 0.1, every 25):
 
     cd /tmp/qs && hsgd-tune run /path/to/studies/quickstart.toml
-    python /path/to/benchmarks/posterior_settings.py /path/to/studies/quickstart.toml \\
-        --settings 300:512,150:512,300:128
+    python /path/to/benchmarks/posterior_settings.py /path/to/studies/quickstart.toml \
+        --settings 300:512:0.001:0.05:50,150:128,150:128:0.001:0.05
 """
 
 from __future__ import annotations
@@ -37,13 +39,34 @@ from hsgd_tune.studyfile.config import load_study  # noqa: E402
 from hsgd_tune.track.tracker import Tracker  # noqa: E402
 
 
-def certificate(cfg, data, trial, twin, steps: int, batch: int) -> tuple[float, float]:
-    """(certificate/bound, seconds) of one trial with the fit's ``steps`` and minibatch ``batch``."""
-    cfg = dataclasses.replace(cfg, certificate=dataclasses.replace(cfg.certificate, steps=steps))
+@dataclasses.dataclass(frozen=True)
+class FitSetting:
+    """One way to fit Q: ``steps:batch[:mean_lr:std_lr[:check_every]]`` on the command line."""
+
+    steps: int
+    batch: int
+    mean_lr: float = diagnostics.MEAN_LR
+    std_lr: float = diagnostics.STD_LR
+    check_every: int = 25
+
+    @classmethod
+    def parse(cls, text: str) -> FitSetting:
+        fields = text.split(":")
+        kinds = (int, int, float, float, int)
+        return cls(*(kind(value) for kind, value in zip(kinds, fields, strict=False)))
+
+    def __str__(self) -> str:
+        return f"{self.steps}:{self.batch}:{self.mean_lr:g}:{self.std_lr:g}:{self.check_every}"
+
+
+def certificate(cfg, data, trial, twin, setting: FitSetting) -> tuple[float, float]:
+    """(certificate/bound, seconds) of one trial with the fit set as ``setting`` says."""
+    cfg = dataclasses.replace(cfg, certificate=dataclasses.replace(cfg.certificate, steps=setting.steps))
     fm = diagnostics.FlatModel(twin.model, data.task)
     out = diagnostics.Measurements()
-    fit = diagnostics.fit_posterior
-    diagnostics.fit_posterior = functools.partial(fit, batch=batch)
+    fit, step_sizes = diagnostics.fit_posterior, (diagnostics.MEAN_LR, diagnostics.STD_LR)
+    diagnostics.fit_posterior = functools.partial(fit, batch=setting.batch, check_every=setting.check_every)
+    diagnostics.MEAN_LR, diagnostics.STD_LR = setting.mean_lr, setting.std_lr
     try:
         started = time.perf_counter()
         diagnostics._certificate(
@@ -60,22 +83,27 @@ def certificate(cfg, data, trial, twin, steps: int, batch: int) -> tuple[float, 
         return out.metrics["certificate/bound"], time.perf_counter() - started
     finally:
         diagnostics.fit_posterior = fit
+        diagnostics.MEAN_LR, diagnostics.STD_LR = step_sizes
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", type=Path, help="the study file (run from the study's folder)")
-    ap.add_argument("--settings", default="300:512,150:512,300:128", help="steps:batch, comma-separated")
+    ap.add_argument(
+        "--settings",
+        default="300:512:0.001:0.05:50,150:128",
+        help="steps:batch[:mean_lr:std_lr[:check_every]], comma-separated; omitted parts: the defaults",
+    )
     args = ap.parse_args()
-    settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",")]
+    settings = [FitSetting.parse(item) for item in args.settings.split(",")]
     set_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = load_study(args.study)
     data, tracker = prepare(cfg), Tracker()
     study = optuna.load_study(study_name=cfg.name, storage=open_storage(cfg.run.storage))
-    header = " | ".join(f"{s}:{b} bound | s" for s, b in settings)
+    header = " | ".join(f"{setting} bound | s" for setting in settings)
     print(f"| trial | {header} |\n|---|{'---|---|' * len(settings)}")
-    results: dict[tuple, list[tuple[float, float]]] = {setting: [] for setting in settings}
+    results: dict[FitSetting, list[tuple[float, float]]] = {setting: [] for setting in settings}
     for trial in study.trials:
         if trial.state != optuna.trial.TrialState.COMPLETE:
             continue
@@ -85,9 +113,9 @@ def main() -> None:
                 tracker, trial.number, run.info.run_id, Path(tmp), run.data.metrics
             )
         cells = []
-        for steps, batch in settings:
-            bound, seconds = certificate(cfg, data, trial, twin, steps, batch)
-            results[(steps, batch)].append((bound, seconds))
+        for setting in settings:
+            bound, seconds = certificate(cfg, data, trial, twin, setting)
+            results[setting].append((bound, seconds))
             cells.append(f"{bound:.4f} | {seconds:.2f}")
         print(f"| {trial.number} | {' | '.join(cells)} |", flush=True)
     means = " | ".join(
