@@ -6,11 +6,11 @@ fit — optimisation steps, minibatch size, Adam's step sizes for Q's mean and l
 snapshot interval — and timed; nothing is logged. Prints a row per trial, then the mean certificate
 and mean seconds per setting. The default compares the fit before issue #17's last change (300 steps on
 all 500 rows of the quick-start's S, step sizes 1e-3 and 0.05, a snapshot every 50 steps) with today's
-defaults (150 steps on minibatches of 128, 2e-3 and 0.1, every 25):
+defaults (150 steps on minibatches of 128, 7.5e-3 and 0.05, every 25):
 
     cd /tmp/qs && hsgd-tune run /path/to/studies/quickstart.toml
     python /path/to/benchmarks/posterior_settings.py /path/to/studies/quickstart.toml \
-        --settings 300:512:0.001:0.05:50,150:128,150:128:0.001:0.05
+        --settings 300:512:0.001:0.05:50,150:128,200:128:0.005
 """
 
 from __future__ import annotations
