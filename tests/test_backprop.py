@@ -135,3 +135,22 @@ def test_the_posterior_fit_by_hand_finds_autograds_posterior(kind, monkeypatch):
     np.testing.assert_allclose(by_hand.mean, reference.mean, rtol=0, atol=1e-5)
     np.testing.assert_allclose(by_hand.std, reference.std, rtol=1e-4)
     assert by_hand.prior_std == reference.prior_std
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_gradient_mismatch_in_one_pass_of_s_and_h_is_the_difference_of_autograds_gradients(name):
+    fm, w, x, y = setup(name, n=96)
+    fm_h, _, x_h, y_h = setup(name, n=64)  # H: other rows (another draw), another size
+    x_h, y_h = x_h + 0.5, y_h.flip(0)
+    iterates = torch.stack([w, w + 0.1 * torch.randn(len(w), generator=torch.Generator().manual_seed(2))])
+    got = diagnostics.gradient_mismatch(fm, iterates.double().numpy(), (x, y), (x_h, y_h))
+    expected = [
+        float(
+            torch.linalg.vector_norm(
+                autograd_full_gradient(fm, v, x, y) - autograd_full_gradient(fm, v, x_h, y_h)
+            )
+        )
+        for v in iterates
+    ]
+    assert min(expected) > 1e-3
+    np.testing.assert_allclose(got, expected, rtol=1e-5)

@@ -13,19 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: Unit-wise layers whose derivative is written below, as a function of the layer's output h.
-_DERIVATIVE_OF_OUTPUT = {
-    nn.ReLU: lambda h: (h > 0).to(h.dtype),
-    nn.Tanh: lambda h: 1.0 - h * h,
-    nn.Sigmoid: lambda h: h * (1.0 - h),
+#: Unit-wise layers whose derivative is written below: δ before the layer from δ after it and its output h.
+_BACKWARD = {
+    nn.ReLU: lambda delta, h: torch.ops.aten.threshold_backward(delta, h, 0),  # δ where h > 0, else 0
+    nn.Tanh: lambda delta, h: delta * (1.0 - h * h),
+    nn.Sigmoid: lambda delta, h: delta * h * (1.0 - h),
 }
 
 
 def supports(chain: list) -> bool:
     """Whether every unit-wise layer of ``chain`` has its derivative written here (else: autograd)."""
-    return all(
-        isinstance(layer, tuple) or type(layer) in (*_DERIVATIVE_OF_OUTPUT, nn.Identity) for layer in chain
-    )
+    return all(isinstance(layer, tuple) or type(layer) in (*_BACKWARD, nn.Identity) for layer in chain)
 
 
 def forward(chain: list, params: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -54,7 +52,7 @@ def deltas(chain: list, params: dict[str, torch.Tensor], saved: list, grad_out: 
             if i > first_linear:
                 delta = delta @ params[layer[0]]
         elif type(layer) is not nn.Identity:
-            delta = delta * _DERIVATIVE_OF_OUTPUT[type(layer)](saved[i])
+            delta = _BACKWARD[type(layer)](delta, saved[i])
 
 
 def backward(
