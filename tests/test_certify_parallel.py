@@ -9,7 +9,13 @@ import optuna
 import pytest
 from tiny_study import TINY_STUDY, write_tiny_study
 
-from hsgd_tune.search.certification import PARALLEL_FROM, certify, complete_trials, parallel_workers
+from hsgd_tune.search.certification import (
+    IN_TURN_MODELS,
+    PARALLEL_FROM,
+    certify,
+    complete_trials,
+    parallel_workers,
+)
 from hsgd_tune.search.runner import run_study
 from hsgd_tune.search.storage import open_storage
 from hsgd_tune.studyfile.config import load_study
@@ -76,6 +82,15 @@ def test_parallel_workers_only_on_idle_cores(cores, load, trials, expected, monk
     monkeypatch.setattr("hsgd_tune.search.certification.available_cores", lambda: cores)
     monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
     assert parallel_workers(trials) == expected
+    assert parallel_workers(trials, "cnn") == expected
+
+
+@pytest.mark.parametrize("kind", IN_TURN_MODELS)
+def test_interpreter_bound_models_are_certified_in_turn_even_on_idle_cores(kind, monkeypatch):
+    monkeypatch.setattr("hsgd_tune.search.certification.available_cores", lambda: 16)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert parallel_workers(20, "cnn") == 16
+    assert parallel_workers(20, kind) == 1
 
 
 def test_once_stopped_parallel_certificates_start_no_trial(tmp_path, monkeypatch):

@@ -161,11 +161,12 @@ def certify(
     :class:`~hsgd_tune.search.storage.StudyLock`) is held around each trial's check-compute-log, so several
     processes certifying the same study compute each trial once. ``on_trial`` sees each trial
     computed now (not those found done). Once ``stop`` is set, no further trial starts.
-    ``workers``: threads computing certificates side by side (default: :func:`parallel_workers`).
+    ``workers``: threads computing certificates side by side (default: :func:`parallel_workers` for the
+    study's model).
     """
     _check_same_study(cfg, study)
     trials = [certifiable(study, n) for n in dict.fromkeys(numbers)]
-    workers = parallel_workers(len(trials)) if workers is None else workers
+    workers = parallel_workers(len(trials), cfg.model.kind) if workers is None else workers
     with _one_blas_thread():
         if workers > 1:
             return _certify_in_parallel(cfg, tracker, trials, data, on_trial, lock, stop, workers)
@@ -213,12 +214,23 @@ def _certify_in_turn(cfg, tracker, trials, data, on_trial, lock, stop) -> list[C
 PARALLEL_FROM = 2
 
 
-def parallel_workers(n_trials: int) -> int:
+#: Built-in models whose certificates are bound by the interpreter, not by the cores: gradients written
+#: out on small matrices (certify/backprop.py), thousands of short kernels. Two threads in one process
+#: take turns holding the GIL: the quick-start's two certificates took 0.66–0.69 s side by side and
+#: 0.65–0.67 s in turn (each certificate twice as long beside the other), where a CNN's two took 2.0 s
+#: side by side and 3.6 s in turn. So these are certified in turn, at half the CPU time.
+IN_TURN_MODELS = ("mlp", "linear")
+
+
+def parallel_workers(n_trials: int, model_kind: str = "") -> int:
     """Threads to certify ``n_trials`` with: the cores that nothing else keeps busy, at most one per
-    trial; 1 (this thread alone) on a busy machine. The 1-minute load average counts this process's
-    own trials too (up to one core: one torch thread each), which the certificates now take over.
-    Idle cores are rounded, not truncated: the average lags, and right after a quick-start study on
-    2 cores it reads 1.2–1.5, which truncation turned into one thread and certificates in turn."""
+    trial; 1 (this thread alone) on a busy machine, or for a model in :data:`IN_TURN_MODELS`. The
+    1-minute load average counts this process's own trials too (up to one core: one torch thread
+    each), which the certificates now take over. Idle cores are rounded, not truncated: the average
+    lags, and right after a quick-start study on 2 cores it reads 1.2–1.5, which truncation turned
+    into one thread and certificates in turn."""
+    if model_kind in IN_TURN_MODELS:
+        return 1
     cores = available_cores()
     try:
         load = os.getloadavg()[0]
