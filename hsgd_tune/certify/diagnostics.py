@@ -654,10 +654,9 @@ def full_gradient(fm: FlatModel, w: torch.Tensor, x: torch.Tensor, y: torch.Tens
     autograd (torch.func.grad is far slower here)."""
     if _by_hand(fm):
         with torch.no_grad():
-            params = fm.params(w)
-            out, saved = backprop.forward(fm.chain, params, x)
+            params, saved, rows = _loss_pass(fm, w, x, y)
             grad = torch.empty(fm.n_params)
-            backprop.backward(fm.chain, params, saved, _loss_gradient_rows(out, y, fm.task), fm.params(grad))
+            backprop.backward(fm.chain, params, saved, rows, fm.params(grad))
             return grad.div_(len(y))
     w = w.detach().clone().requires_grad_(True)
     return torch.autograd.grad(fm.loss(w, x, y), w)[0]
@@ -666,6 +665,14 @@ def full_gradient(fm: FlatModel, w: torch.Tensor, x: torch.Tensor, y: torch.Tens
 def _by_hand(fm: FlatModel) -> bool:
     """Whether ``fm``'s gradients are written out (backprop.py) rather than left to autograd."""
     return fm.chain is not None and backprop.supports(fm.chain)
+
+
+def _loss_pass(fm: FlatModel, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+    """A chain model's forward pass at w: its parameters, what backprop.backward needs, and each row's
+    loss gradient w.r.t. its outputs (the δ that back-propagation starts from)."""
+    params = fm.params(w)
+    out, saved = backprop.forward(fm.chain, params, x)
+    return params, saved, _loss_gradient_rows(out, y, fm.task)
 
 
 def _loss_gradient_rows(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -690,9 +697,7 @@ def gradient_noise(
     positions = torch.as_tensor(np.stack([rng.permutation(len(y))[:batch_size] for _ in range(draws)]))
     if _by_hand(fm):
         with torch.no_grad():
-            params = fm.params(w_t)
-            out, saved = backprop.forward(fm.chain, params, x)
-            rows = _loss_gradient_rows(out, y, fm.task)
+            params, saved, rows = _loss_pass(fm, w_t, x, y)
             sums = backprop.subset_gradients(fm.chain, fm.names, params, saved, rows, positions)
             batch_grads = sums.div_(positions.shape[1])
     else:
@@ -747,10 +752,8 @@ def _gradient_mismatch_by_hand(
     gaps, grad = [], torch.empty(fm.n_params)
     with torch.no_grad():
         for w in np.asarray(traj_h):
-            params = fm.params(torch.as_tensor(w, dtype=torch.float32))
-            out, saved = backprop.forward(fm.chain, params, x)
-            rows = _loss_gradient_rows(out, y, fm.task).mul_(signs)
-            backprop.backward(fm.chain, params, saved, rows, fm.params(grad))
+            params, saved, rows = _loss_pass(fm, torch.as_tensor(w, dtype=torch.float32), x, y)
+            backprop.backward(fm.chain, params, saved, rows.mul_(signs), fm.params(grad))
             gaps.append(float(torch.linalg.vector_norm(grad)))
     return np.asarray(gaps)
 
@@ -868,6 +871,7 @@ def _certificate(out, cfg, data, settings, run, fm, train, trajectory, deltas) -
 
 
 #: Examples of S and weight draws per σ of the pilot Monte Carlo that picks σ_k (then fresh draws certify).
+#: 128 examples (256 before issue #17) gave the quick-start's trials the same mean perturbed bound.
 _PILOT_EXAMPLES, _PILOT_DRAWS = 128, 2
 
 
