@@ -179,8 +179,8 @@ def main() -> None:
         print(f"| {name} | {len(rows)} | {total:.1f} | {total / plain:.2f} | {' | '.join(cells)} |")
     print(
         "\n(their trials: wall seconds of the certified trials, start to end, from the journal; their "
-        "certificates: each certificate's time/diagnostics_s, computed after the study, side by side "
-        "in threads when there are several)"
+        "certificates: each certificate's time/diagnostics_s, computed after the study, one after the "
+        "other for the quick-start's MLP, side by side in threads for other models)"
     )
 
 
