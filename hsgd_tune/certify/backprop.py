@@ -29,7 +29,8 @@ def supports(chain: list) -> bool:
 
 
 def forward(chain: list, params: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """(rows, k) outputs and what :func:`backward` needs: each layer's input (Linear) or output."""
+    """(rows, k) outputs, by the same calls the modules make, and what :func:`backward` needs: each
+    layer's input (Linear) or output."""
     h, saved = x, []
     for layer in chain:
         if isinstance(layer, tuple):

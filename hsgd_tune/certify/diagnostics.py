@@ -85,7 +85,7 @@ class FlatModel:
         numbers and gradients, tests/test_certificate_equivalence.py) without ``functional_call``'s
         set-up on every call; any other model through ``functional_call``."""
         if self.chain is not None:
-            return _chain_forward(self.chain, self.params(flat), x)
+            return backprop.forward(self.chain, self.params(flat), x)[0]
         return functional_call(self.model, self.params(flat), (x,))
 
     def forward_many(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -377,17 +377,6 @@ def _linear_chain(fm: FlatModel) -> list | None:
         else:
             return None
     return chain if covered == set(fm.names) and len(fm.names) == len(covered) else None
-
-
-def _chain_forward(chain: list, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """A :func:`_linear_chain` model at weights ``params`` (name → tensor): its modules' own calls."""
-    h = x
-    for layer in chain:
-        if isinstance(layer, tuple):
-            h = F.linear(h, params[layer[0]], params[layer[1]] if layer[1] else None)
-        else:
-            h = layer(h)
-    return h
 
 
 def _kl_torch(mean, var_q, prior_mean, var_p):
